@@ -1,0 +1,104 @@
+"""Analytic diffusion models: exact noise prediction and exact ODE solutions, no weights.
+
+For data from an isotropic Gaussian mixture, sum_k w_k N(mu_k, s_k^2 I), the noised marginal at
+(alpha, sigma) is sum_k w_k N(alpha mu_k, (alpha^2 s_k^2 + sigma^2) I), so the optimal noise
+prediction eps*(x) = -sigma grad log p(x) is known in closed form. The probability-flow ODE in
+xbar = x / alpha and sbar = sigma / alpha is d xbar / d sbar = eps*(x), which we integrate in
+float64 with classical RK4 on a grid uniform in log(sbar + s_min) (the solution varies on the
+scale s_min near the data and on the scale sbar far from it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .schedule import Schedule
+
+
+class GaussianMixture:
+    """Isotropic Gaussian mixture data with exact eps*(x, t) and exact ODE solutions."""
+
+    def __init__(self, means, stds, weights=None):
+        self.means = torch.as_tensor(means, dtype=torch.float64)
+        self.stds = torch.as_tensor(stds, dtype=torch.float64)
+        k = self.means.shape[0]
+        if self.means.dim() != 2 or self.stds.shape != (k,):
+            raise ValueError(f"means must be (K, D) and stds (K,), got {tuple(self.means.shape)} "
+                             f"and {tuple(self.stds.shape)}")
+        if not bool((self.stds > 0).all()):
+            raise ValueError("stds must be positive (a zero std makes eps* singular at sigma=0)")
+        weights = torch.full((k,), 1.0 / k) if weights is None else torch.as_tensor(weights)
+        weights = weights.to(torch.float64)
+        if weights.shape != (k,) or not bool((weights > 0).all()):
+            raise ValueError(f"weights must be {k} positive numbers")
+        self.log_weights = (weights / weights.sum()).log()
+
+    @classmethod
+    def random(cls, dim: int = 8, num_components: int = 4, std: float = 0.5,
+               seed: int = 0) -> "GaussianMixture":
+        """Means spread like unit-variance data, every component with standard deviation ``std``."""
+        g = torch.Generator().manual_seed(seed)
+        means = torch.randn(num_components, dim, generator=g, dtype=torch.float64)
+        means /= means.norm(dim=1, keepdim=True) / math.sqrt(dim) * math.sqrt(1 + std**2)
+        return cls(means, torch.full((num_components,), std))
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    def sample_data(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n float64 samples of the data distribution, shape (n, D)."""
+        k = torch.multinomial(self.log_weights.exp(), n, replacement=True, generator=generator)
+        noise = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        return self.means[k] + self.stds[k, None] * noise
+
+    def eps(self, x: torch.Tensor, alpha, sigma) -> torch.Tensor:
+        """Exact eps*(x) at noise level (alpha, sigma), computed in float64, shape of x."""
+        xf = x.to(torch.float64).reshape(-1, self.dim)
+        alpha = torch.as_tensor(alpha, dtype=torch.float64).reshape(-1, 1)
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1)
+        var = alpha**2 * self.stds**2 + sigma**2  # (n or 1, K)
+        diff = xf[:, None, :] - alpha[:, :, None] * self.means  # (n, K, D)
+        logp = (self.log_weights - 0.5 * self.dim * var.log()
+                - 0.5 * diff.pow(2).sum(-1) / var)
+        resp = logp.softmax(dim=1)
+        eps = sigma * (resp[..., None] * diff / var[..., None]).sum(1)
+        return eps.reshape(x.shape)
+
+    def eps_fn(self, schedule: Schedule, dtype: torch.dtype | None = None):
+        """eps_fn(x, t) for integer training timesteps t; returns x's dtype unless ``dtype``."""
+        ac = schedule.alphas_cumprod
+
+        def eps_fn(x: torch.Tensor, t: int) -> torch.Tensor:
+            a = float(ac[t])
+            return self.eps(x, math.sqrt(a), math.sqrt(1 - a)).to(dtype or x.dtype)
+
+        return eps_fn
+
+    def ode_solution(self, x_T: torch.Tensor, alpha_T: float, sigma_T: float,
+                     num_steps: int = 2000) -> torch.Tensor:
+        """x_0 of the probability-flow ODE started at x_T with noise level (alpha_T, sigma_T).
+
+        RK4 in float64; with the default 2000 steps it agrees with 4000 steps to about 1e-11.
+        """
+        s_min = float(self.stds.min())
+        sbar_T = sigma_T / alpha_T
+        v = torch.linspace(math.log(sbar_T + s_min), math.log(s_min), num_steps + 1,
+                           dtype=torch.float64)
+        xbar = x_T.to(torch.float64) / alpha_T
+
+        def f(vk, xb):  # d xbar / d v = (sbar + s_min) * eps*(alpha xbar) with alpha = 1/sqrt(1+sbar^2)
+            sbar = math.exp(vk) - s_min
+            alpha = 1 / math.sqrt(1 + sbar * sbar)
+            return (sbar + s_min) * self.eps(alpha * xb, alpha, sbar * alpha)
+
+        for k in range(num_steps):
+            v0, h = float(v[k]), float(v[k + 1] - v[k])
+            k1 = f(v0, xbar)
+            k2 = f(v0 + h / 2, xbar + h / 2 * k1)
+            k3 = f(v0 + h / 2, xbar + h / 2 * k2)
+            k4 = f(v0 + h, xbar + h * k3)
+            xbar = xbar + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        return xbar
