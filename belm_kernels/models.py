@@ -56,12 +56,13 @@ class GaussianMixture:
 
     def eps(self, x: torch.Tensor, alpha, sigma) -> torch.Tensor:
         """Exact eps*(x) at noise level (alpha, sigma), computed in float64, shape of x."""
+        dev = x.device
         xf = x.to(torch.float64).reshape(-1, self.dim)
-        alpha = torch.as_tensor(alpha, dtype=torch.float64).reshape(-1, 1)
-        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1)
-        var = alpha**2 * self.stds**2 + sigma**2  # (n or 1, K)
-        diff = xf[:, None, :] - alpha[:, :, None] * self.means  # (n, K, D)
-        logp = (self.log_weights - 0.5 * self.dim * var.log()
+        alpha = torch.as_tensor(alpha, dtype=torch.float64, device=dev).reshape(-1, 1)
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=dev).reshape(-1, 1)
+        var = alpha**2 * self.stds.to(dev) ** 2 + sigma**2  # (n or 1, K)
+        diff = xf[:, None, :] - alpha[:, :, None] * self.means.to(dev)  # (n, K, D)
+        logp = (self.log_weights.to(dev) - 0.5 * self.dim * var.log()
                 - 0.5 * diff.pow(2).sum(-1) / var)
         resp = logp.softmax(dim=1)
         eps = sigma * (resp[..., None] * diff / var[..., None]).sum(1)

@@ -86,14 +86,16 @@ torch_backend = _TorchBackend()
 # Backend lookup.
 
 
+_LOADED: dict[str, Backend] = {"torch": torch_backend}
+
+
 def get_backend(name: str) -> Backend:
     """The backend object for ``name`` (imports its module on first use)."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {name!r}")
-    if name == "torch":
-        return torch_backend
-    module = importlib.import_module(_BACKEND_MODULES[name])
-    return module.get_backend(name)
+    if name not in _LOADED:
+        _LOADED[name] = importlib.import_module(_BACKEND_MODULES[name]).get_backend(name)
+    return _LOADED[name]
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,6 +131,12 @@ def _resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
     if dtype not in backend.dtypes:
         raise TypeError(f"backend {name!r} supports x dtypes {backend.dtypes}, got {dtype}")
     return backend
+
+
+# torch.compile evaluates this once while tracing instead of following the imports inside.
+@torch.compiler.assume_constant_result
+def _resolve_name(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    return _resolve(name, device, dtype).name
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,7 +221,7 @@ def _apply(x, y, z, coef, backend: str, inverse: bool) -> torch.Tensor:
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {backend!r}")
-    impl = _resolve(backend, x.device, x.dtype)
+    impl = _LOADED[_resolve_name(backend, x.device, x.dtype)]
     if x.numel():
         impl.run(x, y, z, coef, inverse)
     return x
