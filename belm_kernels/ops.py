@@ -204,19 +204,25 @@ def _as_coef(coef, x: torch.Tensor) -> torch.Tensor:
     return coef.to(ct).contiguous()
 
 
-def _check_invertible(coef: torch.Tensor) -> None:
+def _check_invertible(coef) -> None:
     # Only where it costs no device sync; on a GPU a zero leading coefficient yields inf/nan.
-    if coef.device.type == "cpu" and not torch.compiler.is_compiling() and coef.numel():
-        if bool((coef[..., 0] == 0).any()):
-            raise ValueError("coef[..., 0] must be nonzero for lincomb3_inverse_ "
-                             "(the update with a zero leading coefficient is not invertible)")
+    if isinstance(coef, torch.Tensor):
+        if coef.device.type != "cpu" or torch.compiler.is_compiling():
+            return
+        zero = bool((coef[..., 0] == 0).any())
+    else:
+        zero = coef[0] == 0
+    if zero:
+        raise ValueError("coef[..., 0] must be nonzero for lincomb3_inverse_ "
+                         "(the update with a zero leading coefficient is not invertible)")
 
 
 def _apply(x, y, z, coef, backend: str, inverse: bool) -> torch.Tensor:
     _check_tensors(x, y, z)
-    coef = _as_coef(coef, x)
-    if inverse:
-        _check_invertible(coef)
+    checked = _as_coef(coef, x)
+    if inverse:  # a sequence of floats is checked on the host, before it moves to x's device
+        _check_invertible(checked if isinstance(coef, torch.Tensor) else coef)
+    coef = checked
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend != "auto" and backend not in BACKENDS:

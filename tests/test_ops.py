@@ -1,0 +1,560 @@
+"""The op test suite shared by every backend of ``lincomb3_`` / ``lincomb3_inverse_``.
+
+Each test runs for every (device, backend) pair that ``belm_kernels.available_backends`` lists:
+on CPU "torch", "cpu" (C++ extension, once built) and "triton" (through the Triton interpreter,
+which tests/conftest.py switches on where there is no GPU); on CUDA, when a GPU is present,
+"torch", "triton" and "cuda". Without a GPU the CUDA cases skip with a reason.
+
+Error bounds, against a float64 reference computed here from the inputs as the op sees them
+(y, z and coef rounded to the compute dtype first, then widened exactly to float64). With
+S = |a x| + |b y| + |c z| for the forward op and S = (|x| + |b y| + |c z|) / |a| for the inverse:
+
+* float32 x:          |out - ref| <= 4 * eps32 * S
+* float64 x:          |out - ref| <= 8 * eps64 * S   (the float64 reference rounds too)
+* float16/bfloat16 x: |out - round(ref)| <= ulp(round(ref)) + 4 * eps32 * S, where round() is
+  the correctly rounded (round-to-nearest-even) conversion computed exactly here. That is
+  "within 1 ulp of the correctly rounded result"; the second term only matters under heavy
+  cancellation, where the float32 arithmetic the contract prescribes cannot do better. The
+  1-ulp slack also covers the Triton interpreter, which truncates float32 -> bfloat16 stores.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import belm_kernels as bk
+from belm_kernels import ops
+
+HAS_CUDA = torch.cuda.is_available()
+NO_CUDA = "needs a CUDA device (torch.cuda.is_available() is False)"
+OPS = {"forward": bk.lincomb3_, "inverse": bk.lincomb3_inverse_}
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Number of mantissa bits (including the implicit one) and the exponent (as torch.frexp
+# reports it) of the smallest normal number, for the exact rounding of the reference.
+_FORMAT = {torch.float16: (11, -13), torch.bfloat16: (8, -125)}
+COEF_LIST = [1.07, -0.45, 0.21]
+
+
+def device_params(cases, devices=("cpu", "cuda"), width=1):
+    """pytest params (device, *values) for each (id, values) in cases(device). CUDA params carry
+    the "gpu" mark; without a GPU one skipped placeholder stands for all of them."""
+    params = []
+    for device in devices:
+        if device == "cuda" and not HAS_CUDA:
+            marks = [pytest.mark.gpu, pytest.mark.skip(reason=NO_CUDA)]
+            params.append(pytest.param("cuda", *(None,) * width, id="cuda", marks=marks))
+            continue
+        marks = [pytest.mark.gpu] if device == "cuda" else []
+        params += [pytest.param(device, *values, id=f"{device}-{case_id}", marks=marks)
+                   for case_id, values in cases(device)]
+    return params
+
+
+def _available(device):
+    return [(b, (b,)) for b in bk.available_backends(device)]
+
+
+def _unavailable(device):
+    available = bk.available_backends(device)
+    return [(b, (b,)) for b in ops.BACKENDS if b not in available]
+
+
+DEVICE_BACKENDS = device_params(_available)
+parametrize_backends = pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+parametrize_cpu_backends = pytest.mark.parametrize(
+    "device,backend", device_params(_available, ("cpu",)))
+parametrize_cuda_backends = pytest.mark.parametrize(
+    "device,backend", device_params(_available, ("cuda",)))
+parametrize_ops = pytest.mark.parametrize("op", list(OPS))
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers.
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def supports(backend: str, dtype: torch.dtype) -> bool:
+    return backend == "auto" or dtype in ops.get_backend(backend).dtypes
+
+
+def rand(shape, dtype, device, gen) -> torch.Tensor:
+    return torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype).to(device)
+
+
+def make(shape, dtype, device, gen, layout="contiguous"):
+    """A tensor of ``shape`` laid out as ``layout`` inside a larger base; returns (view, base)."""
+    shape = tuple(shape)
+    if layout == "contiguous":
+        base = rand(shape, dtype, device, gen)
+        return base, base
+    if layout == "transposed":  # all dimensions reversed
+        base = rand(shape[::-1], dtype, device, gen)
+        return base.permute(*reversed(range(len(shape)))), base
+    if layout == "step":  # every other sample
+        base = rand((2 * shape[0],) + shape[1:], dtype, device, gen)
+        return base[::2], base
+    if layout == "column":  # a column slice of the last dimension
+        base = rand(shape[:-1] + (shape[-1] + 3,), dtype, device, gen)
+        return base[..., 1:shape[-1] + 1], base
+    raise ValueError(layout)
+
+
+def make_coef(kind, x, gen):
+    """The coef argument: a shared (3,) tensor, per-sample (B, 3) distinct rows, or a list."""
+    ct = compute_dtype(x.dtype)
+    if kind == "list":
+        return list(COEF_LIST)
+    if kind == "shared":  # float64 on purpose: the op converts it to the compute dtype
+        return torch.tensor([0.93, 0.31, -0.27], dtype=torch.float64, device=x.device)
+    assert kind == "per_sample"
+    batch = x.shape[0]
+    sign = torch.where(torch.rand(batch, generator=gen) < 0.3, -1.0, 1.0)
+    a = (0.5 + torch.rand(batch, generator=gen)) * sign
+    b, c = 0.8 * torch.randn(2, batch, generator=gen)
+    return torch.stack([a, b, c], dim=1).to(ct).to(x.device)
+
+
+def coef_columns(coef, x):
+    """(a, b, c) in float64, as the op uses them (rounded to the compute dtype first)."""
+    c = coef if isinstance(coef, torch.Tensor) else torch.tensor(coef, dtype=torch.float64)
+    c = c.to(device=x.device, dtype=compute_dtype(x.dtype)).double()
+    if c.dim() == 2:
+        c = c.reshape((c.shape[0],) + (1,) * (x.dim() - 1) + (3,))
+    return c.unbind(-1)
+
+
+def reference(x, y, z, coef, inverse):
+    """float64 result and error scale S (see the module docstring)."""
+    a, b, c = coef_columns(coef, x)
+    ct = compute_dtype(x.dtype)
+    xd, yd, zd = (t.to(ct).double() for t in (x, y, z))
+    if inverse:
+        return (xd - b * yd - c * zd) / a, (xd.abs() + (b * yd).abs() + (c * zd).abs()) / a.abs()
+    return a * xd + b * yd + c * zd, (a * xd).abs() + (b * yd).abs() + (c * zd).abs()
+
+
+def round_exact(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 -> float16/bfloat16 rounded to nearest even in one step (torch's own conversion
+    from float64 goes through float32 and can double-round)."""
+    digits, min_exp = _FORMAT[dtype]
+    _, exp = torch.frexp(ref)
+    spacing = torch.ldexp(torch.ones_like(ref), exp.clamp(min=min_exp) - digits)
+    return (torch.round(ref / spacing) * spacing).to(dtype)  # exact: representable already
+
+
+def ulp(r: torch.Tensor) -> torch.Tensor:
+    """Distance from |r| to the next larger value of r's dtype, in float64."""
+    mag = r.abs()
+    return (torch.nextafter(mag, torch.full_like(mag, float("inf"))) - mag).double()
+
+
+def assert_close(out, ref, scale, what=""):
+    dtype = out.dtype
+    out, ref, scale = out.cpu(), ref.cpu(), scale.cpu()
+    ct = compute_dtype(dtype)
+    arith = (4 if ct == torch.float32 else 8) * torch.finfo(ct).eps * scale
+    if dtype in _FORMAT:
+        rounded = round_exact(ref, dtype)
+        err, tol = (out.double() - rounded.double()).abs(), ulp(rounded) + arith
+    else:
+        err, tol = (out.double() - ref).abs(), arith
+    bad = ~(err <= tol)
+    if bad.any():
+        i = int(bad.flatten().nonzero()[0])
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{bad.numel()} elements outside the bound; first at flat "
+            f"index {i}: got {out.flatten()[i].item()!r}, reference {ref.flatten()[i].item()!r}, "
+            f"error {err.flatten()[i].item():.3g} > bound {tol.flatten()[i].item():.3g}")
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().contiguous().view(torch.uint8)
+
+
+def assert_bitwise_equal(a, b, what):
+    assert a.shape == b.shape and a.dtype == b.dtype, what
+    assert torch.equal(bits(a), bits(b)), f"{what} was modified"
+
+
+def view_mask(view, base):
+    """Boolean tensor over base, True at the elements that view covers."""
+    mask = torch.zeros(base.shape, dtype=torch.bool, device=base.device)
+    offset = view.storage_offset() - base.storage_offset()
+    mask.as_strided(view.shape, view.stride(), offset).fill_(True)
+    return mask
+
+
+def run_checked(op, x, y, z, coef, backend):
+    """Run the op and check that it returns x and leaves y and z bitwise untouched."""
+    y0, z0 = y.clone(), z.clone()
+    assert OPS[op](x, y, z, coef, backend=backend) is x
+    assert_bitwise_equal(y, y0, "y")
+    assert_bitwise_equal(z, z0, "z")
+
+
+def check_op(device, backend, op, shape, dtype, zdtype=None, coef_kind="shared",
+             x_layout="contiguous", yz_layout="contiguous", seed=0):
+    """Run one op on fresh data and check it against the float64 reference; memory of x's base
+    outside the view must stay untouched. A dtype the backend lacks must raise TypeError."""
+    gen = torch.Generator().manual_seed(seed)
+    x, xbase = make(shape, dtype, device, gen, x_layout)
+    y, _ = make(shape, dtype, device, gen, yz_layout)
+    z, _ = make(shape, zdtype or dtype, device, gen, yz_layout)
+    coef = make_coef(coef_kind, x, gen)
+    base0, x0 = xbase.clone(), x.clone()
+    if not supports(backend, dtype):
+        with pytest.raises(TypeError, match="supports x dtypes"):
+            OPS[op](x, y, z, coef, backend=backend)
+        assert_bitwise_equal(xbase, base0, "x after a rejected call")
+        return
+    ref, scale = reference(x0, y, z, coef, op == "inverse")
+    run_checked(op, x, y, z, coef, backend)
+    assert_close(x, ref, scale, f"{backend} {op} {dtype} {shape}")
+    outside = ~view_mask(x, xbase)
+    assert torch.equal(bits(xbase[outside]), bits(base0[outside])), "x's base written outside x"
+
+
+# --------------------------------------------------------------------------------------------
+# Correctness.
+
+SHAPES = [(1,), (7,), (1023,), (4099,), (2, 4, 64, 64), (0,), (0, 4)]
+
+
+@parametrize_backends
+@parametrize_ops
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("coef_kind", ["shared", "per_sample", "list"])
+def test_matches_reference(device, backend, op, dtype, shape, coef_kind):
+    check_op(device, backend, op, shape, dtype, coef_kind=coef_kind)
+
+
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+MIXED = [(F32, F16), (F32, BF16), (BF16, F32), (F16, F32), (F16, BF16), (F32, F64), (F64, F32)]
+
+
+@parametrize_backends
+@parametrize_ops
+@pytest.mark.parametrize("dtype,zdtype", MIXED, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("coef_kind", ["shared", "per_sample"])
+def test_mixed_z_dtype(device, backend, op, dtype, zdtype, coef_kind):
+    check_op(device, backend, op, (3, 1031), dtype, zdtype, coef_kind)
+
+
+LAYOUTS = [("transposed", "contiguous"), ("step", "contiguous"), ("column", "contiguous"),
+           ("contiguous", "transposed"), ("contiguous", "step"), ("contiguous", "column"),
+           ("transposed", "column"), ("column", "step")]
+
+
+@parametrize_backends
+@parametrize_ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("x_layout,yz_layout", LAYOUTS, ids=lambda s: s)
+@pytest.mark.parametrize("coef_kind", ["shared", "per_sample"])
+def test_noncontiguous(device, backend, op, dtype, x_layout, yz_layout, coef_kind):
+    check_op(device, backend, op, (6, 5, 33), dtype, None, coef_kind, x_layout, yz_layout)
+
+
+@parametrize_backends
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("coef_kind", ["shared", "per_sample", "list"])
+def test_round_trip(device, backend, dtype, coef_kind):
+    """inverse(forward(x)) == x up to: the rounding of both results to x's dtype, amplified by
+    1/|a| for the first, plus the float32/64 arithmetic error of both steps."""
+    if not supports(backend, dtype):
+        pytest.skip(f"backend {backend!r} does not support {dtype} (rejection is tested elsewhere)")
+    gen = torch.Generator().manual_seed(1)
+    x0, y, z = (rand((5, 1031), dtype, device, gen) for _ in range(3))
+    coef = make_coef(coef_kind, x0, gen)
+    a = coef_columns(coef, x0)[0].abs()
+    x = x0.clone()
+    run_checked("forward", x, y, z, coef, backend)
+    x1 = x.clone()
+    _, s_fwd = reference(x0, y, z, coef, inverse=False)
+    _, s_inv = reference(x1, y, z, coef, inverse=True)
+    run_checked("inverse", x, y, z, coef, backend)
+    ct = compute_dtype(dtype)
+    eps_x, eps_c = torch.finfo(dtype).eps, torch.finfo(ct).eps
+    x0d, x1d = x0.double(), x1.double()
+    bound = 2 * eps_x * (x0d.abs() + x1d.abs() / a) + 8 * eps_c * (s_inv + s_fwd / a)
+    err = (x.double() - x0d).abs()
+    assert (err <= bound).all(), f"round trip error {(err - bound).max().item():.3g} over the bound"
+
+
+@pytest.mark.parametrize("device", device_params(lambda d: [("auto", ())], width=0))
+def test_auto_backend_and_listing(device):
+    names = bk.available_backends(device)
+    assert "torch" in names and set(names) <= set(ops.BACKENDS)
+    check_op(device, "auto", "forward", (3, 100), torch.float32, coef_kind="per_sample")
+
+
+# --------------------------------------------------------------------------------------------
+# Aliasing.
+
+
+def _alias_cases(device):
+    """(name, x, y, z) where x shares memory with y or z."""
+    base = torch.randn(12, device=device)
+    other = torch.randn(6, device=device)
+    x = base[:6]
+    return [
+        ("y-is-x", x, x, other),
+        ("z-is-x", x, other, x),
+        ("y-overlaps-x", x, base[4:10], other),
+        ("z-view-of-x", x, other, x.view(2, 3).reshape(6)),
+    ]
+
+
+@parametrize_backends
+@parametrize_ops
+@pytest.mark.parametrize("case", range(4))
+def test_x_aliasing_y_or_z_raises(device, backend, op, case):
+    name, x, y, z = _alias_cases(device)[case]
+    before = x.clone()
+    with pytest.raises(ValueError, match="share memory"):
+        OPS[op](x, y, z, [0.9, 0.2, 0.3], backend=backend)
+    assert_bitwise_equal(x, before, f"x ({name})")
+
+
+@parametrize_backends
+@parametrize_ops
+def test_y_z_aliasing_and_shared_storage_work(device, backend, op):
+    gen = torch.Generator().manual_seed(2)
+    base = rand((2, 3, 40), torch.float32, device, gen)
+    x, y = base[0], base[1]  # one storage, disjoint halves: allowed
+    for z in (y, y.view(120).view(3, 40)):  # y and z aliasing each other: allowed
+        x0 = x.clone()
+        ref, scale = reference(x0, y, z, COEF_LIST, op == "inverse")
+        run_checked(op, x, y, z, COEF_LIST, backend)
+        assert_close(x, ref, scale, "aliased y/z")
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: each raises before x is written.
+
+
+def _bad_inputs():
+    """name -> (exception, message regex, edit) where edit(args) -> (bad args, bad kwargs)."""
+    def arg(i, fn):  # argument i of (x, y, z, coef) replaced by fn(argument)
+        return lambda args: (args[:i] + (fn(args[i]),) + args[i + 1:], {})
+
+    def coef(value):
+        return arg(3, lambda c: value(c.device) if callable(value) else value)
+
+    def ones(*shape, dtype=torch.float32):  # a coef of that shape on x's device
+        return lambda device: torch.ones(shape, dtype=dtype, device=device)
+
+    def backend(name):
+        return lambda args: (args, {"backend": name})
+
+    return {
+        "y-shape": (ValueError, "y must have x's shape", arg(1, lambda t: t[:, :-1])),
+        "z-shape": (ValueError, "z must have x's shape", arg(2, lambda t: t.reshape(-1))),
+        "y-dtype": (TypeError, "y must have x's dtype", arg(1, lambda t: t.double())),
+        "y-device": (ValueError, "y must be on x's device", arg(1, lambda t: t.to("meta"))),
+        "z-device": (ValueError, "z must be on x's device", arg(2, lambda t: t.to("meta"))),
+        "x-int": (TypeError, "x must have a float dtype", arg(0, lambda t: t.to(torch.int32))),
+        "x-bool": (TypeError, "x must have a float dtype", arg(0, lambda t: t > 0)),
+        "y-int": (TypeError, "y must have a float dtype", arg(1, lambda t: t.to(torch.int64))),
+        "z-bool": (TypeError, "z must have a float dtype", arg(2, lambda t: t > 0)),
+        "x-expanded": (ValueError, "internally overlapping", arg(0, lambda t: t[:1].expand_as(t))),
+        "coef-4": (ValueError, "coef must have shape", coef(ones(4))),
+        "coef-B-by-2": (ValueError, "coef must have shape", coef(ones(3, 2))),
+        "coef-wrong-B": (ValueError, "coef must have shape", coef(ones(4, 3))),
+        "coef-3-by-1": (ValueError, "coef must have shape", coef(ones(3, 1))),
+        "coef-int": (TypeError, "coef must be a float tensor", coef(ones(3, dtype=torch.int32))),
+        "coef-device": (ValueError, "coef must be on x's", coef(torch.ones(3, device="meta"))),
+        "coef-list-2": (TypeError, "sequence of three floats", coef([1.0, 2.0])),
+        "coef-list-str": (TypeError, "sequence of three floats", coef([1.0, 2.0, "3"])),
+        "coef-list-bool": (TypeError, "sequence of three floats", coef([True, 0.5, 0.5])),
+        "coef-none": (TypeError, "sequence of three floats", coef(None)),
+        "backend-unknown": (ValueError, "backend must be one of", backend("nope")),
+        "backend-not-str": (TypeError, "backend must be a string", backend(3)),
+    }
+
+
+BAD_INPUTS = _bad_inputs()
+
+
+def expect_rejected(args, kwargs, exc, match, op, backend):
+    """The call raises exc and leaves x, y and z bitwise unchanged."""
+    before = [t.clone() for t in args[:3]]
+    with pytest.raises(exc, match=match):
+        OPS[op](*args, **{"backend": backend, **kwargs})
+    for name, t, t0 in zip("xyz", args, before):
+        if t.device.type != "meta":
+            assert_bitwise_equal(t, t0, f"{name} after a rejected call")
+
+
+@parametrize_backends
+@parametrize_ops
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_raises_before_writing(device, backend, op, case):
+    exc, match, edit = BAD_INPUTS[case]
+    gen = torch.Generator().manual_seed(3)
+    x, y, z = (rand((3, 8), torch.float32, device, gen) for _ in range(3))
+    args, kwargs = edit((x, y, z, torch.tensor([0.9, 0.2, 0.3], device=device)))
+    expect_rejected(args, kwargs, exc, match, op, backend)
+
+
+@parametrize_backends
+def test_non_tensor_x_raises(device, backend):
+    y = torch.zeros(3, device=device)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        bk.lincomb3_([0.0, 0.0, 0.0], y, y, COEF_LIST, backend=backend)
+
+
+ZERO_A_ROWS = [[1.0, 0.1, 0.1], [0.0, 0.2, 0.2], [0.5, 0.3, 0.3]]
+
+
+@parametrize_cpu_backends  # the check runs only for CPU coef: on a GPU it would cost a sync
+@pytest.mark.parametrize("coef", [[0.0, 1.0, 1.0], torch.tensor([0.0, 1.0, 1.0]),
+                                  torch.tensor(ZERO_A_ROWS)], ids=["list", "shared", "per_sample"])
+def test_inverse_zero_leading_coefficient_raises(device, backend, coef):
+    gen = torch.Generator().manual_seed(4)
+    x, y, z = (rand((3, 8), torch.float32, device, gen) for _ in range(3))
+    expect_rejected((x, y, z, coef), {}, ValueError, "must be nonzero", "inverse", backend)
+    run_checked("forward", x, y, z, coef, backend)  # a = 0 is fine for the forward op
+
+
+@pytest.mark.parametrize("device,backend", device_params(_unavailable))
+@parametrize_ops
+def test_unavailable_backend_says_why(device, backend, op):
+    x, y, z = (torch.ones(4, device=device) for _ in range(3))
+    match = f"backend '{backend}' is not available on {device}: .+"
+    expect_rejected((x, y, z, COEF_LIST), {}, bk.BackendUnavailableError, match, op, backend)
+
+
+def test_triton_on_cpu_needs_the_interpreter():
+    """Without TRITON_INTERPRET=1 the triton backend is unavailable on CPU, with the reason."""
+    pytest.importorskip("triton")
+    code = ("import torch, belm_kernels as bk\n"
+            "assert 'triton' not in bk.available_backends('cpu')\n"
+            "try:\n"
+            "    t = torch.ones(3)\n"
+            "    bk.lincomb3_(t, t.clone(), t.clone(), [1., 1., 1.], backend='triton')\n"
+            "except bk.BackendUnavailableError as e:\n"
+            "    print(e)\n")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "TRITON_INTERPRET=1" in out.stdout, out.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library.opcheck on the registered ops.
+
+OPCHECK_CASES = [  # shape, x dtype, z dtype, coef kind, inverse
+    ((7,), torch.float32, torch.float32, "shared", False),
+    ((2, 4, 8, 8), torch.bfloat16, torch.float32, "per_sample", True),
+    ((3, 1031), torch.float16, torch.bfloat16, "per_sample", False),
+    ((5, 3), torch.float64, torch.float64, "shared", True),
+]
+
+
+def _opcheck_cases(device):
+    """The registered op behind each compiled backend available on device."""
+    op_of = {"triton": "lincomb3_triton", "cpu": "lincomb3_ext", "cuda": "lincomb3_ext"}
+    return [(op_of[b], (op_of[b], b)) for b in bk.available_backends(device) if b in op_of]
+
+
+@pytest.mark.parametrize("device,op_name,backend", device_params(_opcheck_cases, width=2))
+@pytest.mark.parametrize("case", range(len(OPCHECK_CASES)))
+def test_opcheck(device, op_name, backend, case):
+    shape, dtype, zdtype, coef_kind, inverse = OPCHECK_CASES[case]
+    if not supports(backend, dtype):
+        pytest.skip(f"backend {backend!r} does not support {dtype}")
+    ops.get_backend(backend)  # imports the module that registers the op's kernels
+    gen = torch.Generator().manual_seed(5)
+    x, y = (rand(shape, dtype, device, gen) for _ in range(2))
+    z = rand(shape, zdtype, device, gen)
+    coef = make_coef(coef_kind, x, gen).to(compute_dtype(dtype)).contiguous()
+    torch.library.opcheck(getattr(torch.ops.belm, op_name), (x, y, z, coef, inverse))
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile(fullgraph=True).
+
+
+@parametrize_backends
+def test_torch_compile_fullgraph(device, backend):
+    """One compiled function: forward with a per-sample coef tensor and inverse with a list, both
+    mutating graph inputs in place; results checked against the reference."""
+    torch._dynamo.reset()
+
+    def step(x, x2, y, z, coef):
+        bk.lincomb3_(x, y, z, coef, backend=backend)
+        bk.lincomb3_inverse_(x2, y, z, COEF_LIST, backend=backend)
+
+    gen = torch.Generator().manual_seed(6)
+    x, x2, y = (rand((4, 3, 16), torch.float32, device, gen) for _ in range(3))
+    z = rand((4, 3, 16), torch.bfloat16, device, gen)
+    coef = make_coef("per_sample", x, gen)
+    ref1, scale1 = reference(x, y, z, coef, inverse=False)
+    ref2, scale2 = reference(x2, y, z, COEF_LIST, inverse=True)
+    torch.compile(step, fullgraph=True)(x, x2, y, z, coef)
+    assert_close(x, ref1, scale1, "compiled forward")
+    assert_close(x2, ref2, scale2, "compiled inverse")
+
+
+# --------------------------------------------------------------------------------------------
+# GPU only.
+
+@parametrize_cuda_backends
+@parametrize_ops
+def test_cuda_graph_replay_with_new_coef(device, backend, op):
+    gen = torch.Generator().manual_seed(7)
+    x0, y = (rand((4, 2, 32, 32), torch.float16, device, gen) for _ in range(2))
+    z = rand((4, 2, 32, 32), torch.float32, device, gen)
+    coef = make_coef("per_sample", x0, gen)
+    x = x0.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up (kernel compilation, autotuning) outside capture
+        OPS[op](x, y, z, coef, backend=backend)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        OPS[op](x, y, z, coef, backend=backend)
+    for _ in range(2):
+        coef.copy_(make_coef("per_sample", x0, gen))
+        x.copy_(x0)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref, scale = reference(x0, y, z, coef, op == "inverse")
+        assert_close(x, ref, scale, f"graph replay {backend} {op}")
+
+
+@parametrize_cuda_backends
+@parametrize_ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_large_tensor(device, backend, op, dtype):
+    """2M elements: large enough for the Triton backend's autotuned launch path."""
+    check_op(device, backend, op, (4, 1 << 19), dtype, torch.float16, "per_sample")
+
+
+@parametrize_cuda_backends
+def test_more_than_2_pow_31_elements(device, backend):
+    """64-bit indexing: a per-sample update of 2^31 + 3000 float16 elements (about 13 GB)."""
+    if backend == "torch":
+        pytest.skip("64-bit indexing concerns the compiled kernels; torch would need ~50 GB here")
+    n = 2 ** 31 + 3000
+    x = torch.ones((2, n // 2), dtype=torch.float16, device=device)
+    y = torch.ones_like(x)
+    z = torch.ones_like(x)
+    coef = torch.tensor([[1.0, 1.0, 1.0], [2.0, 0.5, 0.25]], device=device)
+    bk.lincomb3_(x, y, z, coef, backend=backend)
+    for row, expected in ((0, 3.0), (1, 2.75)):
+        for part in (x[row, :4096], x[row, -4096:]):
+            assert torch.all(part == expected), (row, part.unique())
+    assert torch.all(x[1] == 2.75).item()
