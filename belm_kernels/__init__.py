@@ -1,5 +1,7 @@
 """Fused kernels and exact-inversion diffusion samplers of the BELM family."""
 
+import importlib
+
 from .models import GaussianMixture
 from .ops import BackendUnavailableError, available_backends, lincomb3_, lincomb3_inverse_
 from .samplers import SAMPLERS, Sampler, get_sampler
@@ -8,5 +10,18 @@ from .schedule import Schedule
 __all__ = [
     "BackendUnavailableError", "GaussianMixture", "SAMPLERS", "Sampler", "Schedule",
     "available_backends", "get_sampler", "lincomb3_", "lincomb3_inverse_",
+    "BELMScheduler", "BELMInverseScheduler", "sample_obelm", "invert_obelm",
 ]
 __version__ = "0.1.0"
+
+# Integrations import heavy optional packages (diffusers), so they load on first access. The
+# scheduler classes are exported here so diffusers finds them when a saved pipeline names
+# "belm_kernels" as its scheduler's library.
+_LAZY = {"BELMScheduler": "diffusers", "BELMInverseScheduler": "diffusers",
+         "sample_obelm": "k_diffusion", "invert_obelm": "k_diffusion"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

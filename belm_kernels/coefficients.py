@@ -39,11 +39,12 @@ def bdia(grid: StateGrid, gamma: float) -> torch.Tensor:
     """(N, 3) BDIA rows; row 0 is a DDIM step (there is no x_{-1})."""
     a, s = grid.alpha, grid.sigma
     rows = ddim(grid)
-    for j in range(1, grid.num_steps):
-        rows[j, 0] = gamma
-        rows[j, 1] = a[j + 1] / a[j] - gamma * a[j - 1] / a[j]
-        rows[j, 2] = (s[j + 1] - a[j + 1] * s[j] / a[j]
-                      - gamma * (s[j - 1] - a[j - 1] * s[j] / a[j]))
+    # row j (j >= 1) uses states j-1, j, j+1: slices [:-2], [1:-1], [2:]
+    am, a0, ap = a[:-2], a[1:-1], a[2:]
+    sm, s0, sp = s[:-2], s[1:-1], s[2:]
+    rows[1:, 0] = gamma
+    rows[1:, 1] = ap / a0 - gamma * am / a0
+    rows[1:, 2] = sp - ap * s0 / a0 - gamma * (sm - am * s0 / a0)
     return rows
 
 
@@ -52,9 +53,8 @@ def obelm(grid: StateGrid) -> torch.Tensor:
     a, sbar = grid.alpha, grid.sbar
     h = sbar[:-1] - sbar[1:]  # h[j] = sbar_j - sbar_{j+1}
     rows = ddim(grid)
-    for j in range(1, grid.num_steps):
-        hj, hp = h[j], h[j - 1]
-        rows[j, 0] = hj**2 / hp**2 * a[j + 1] / a[j - 1]
-        rows[j, 1] = (hp**2 - hj**2) / hp**2 * a[j + 1] / a[j]
-        rows[j, 2] = -hj * (hj + hp) / hp * a[j + 1]
+    hj, hp = h[1:], h[:-1]  # row j (j >= 1) uses h_j and h_{j-1}
+    rows[1:, 0] = hj**2 / hp**2 * a[2:] / a[:-2]
+    rows[1:, 1] = (hp**2 - hj**2) / hp**2 * a[2:] / a[1:-1]
+    rows[1:, 2] = -hj * (hj + hp) / hp * a[2:]
     return rows
