@@ -71,11 +71,13 @@ class _TorchBackend:
         # (B, 3) -> (B, 1, ..., 1) per column so each row scales its own sample.
         cols = coef.reshape(coef.shape[:-1] + (1,) * (x.dim() - coef.dim() + 1) + (3,)).unbind(-1)
         a, b, c = cols
-        xf, yf, zf = x.to(ct), y.to(ct), z.to(ct)
+        # One working copy, updated in place (no temporaries per term), then one rounding.
+        result = x.to(ct, copy=True)
+        yf, zf = y.to(ct), z.to(ct)
         if inverse:
-            result = (xf - b * yf - c * zf) / a
+            result.addcmul_(b, yf, value=-1).addcmul_(c, zf, value=-1).div_(a)
         else:
-            result = a * xf + b * yf + c * zf
+            result.mul_(a).addcmul_(b, yf).addcmul_(c, zf)
         x.copy_(result)
 
 

@@ -35,3 +35,10 @@ def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "belm_kernels.cli", "--help"], capture_output=True,
                          text=True, check=True).stdout
     assert "demo" in out and "build" in out
+
+
+def test_build_command_builds_the_cpu_extension(capsys):
+    assert main(["build", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "cpu: built" in out
+    assert ("cuda: built" if __import__("torch").cuda.is_available() else "cuda: skipped") in out
