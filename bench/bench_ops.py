@@ -30,12 +30,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import statistics
 import os
-import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +40,7 @@ from pathlib import Path
 import torch
 
 import belm_kernels as bk
+from stamp import device_slug, stamp
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -70,68 +68,6 @@ def fmt_size(n: int) -> str:
         if n >= scale and n % scale == 0:
             return f"{n // scale}{unit}"
     return str(n)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def gpu_driver() -> str:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip().splitlines()[0]
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        v = torch._C._cuda_getDriverVersion()
-        return f"CUDA driver API {v // 1000}.{v % 1000 // 10}"
-    except Exception:
-        return "unknown"
-
-
-def stamp(device: torch.device) -> dict[str, str]:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
-    info = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "python": platform.python_version(),
-        "host": f"{platform.system()} {platform.machine()}",
-        "cpu": cpu_model(),
-        "cpu_cores": str(os.cpu_count()),
-        "torch_threads": str(torch.get_num_threads()),
-    }
-    if hasattr(os, "getloadavg"):  # a busy shared machine skews CPU timings: say so
-        info["load_average_at_start"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    if device.type == "cuda":
-        info["device"] = torch.cuda.get_device_name(device)
-        info["gpu"] = info["device"]
-        info["driver"] = gpu_driver()
-        info["cuda"] = str(torch.version.cuda)
-    else:
-        info["device"] = f"{info['cpu']} ({info['cpu_cores']} cores)"
-    return info
-
-
-def device_slug(device: torch.device, info: dict[str, str]) -> str:
-    if device.type == "cuda":
-        name = info["gpu"]
-    else:
-        name = f"cpu-{info['cpu']}-{info['cpu_cores']}c"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 # --------------------------------------------------------------------------------------------

@@ -51,9 +51,6 @@ if (__name__ == "__main__" and sys.platform.startswith("linux")
 
 import argparse
 import csv
-import datetime
-import platform
-import re
 import statistics
 import time
 from pathlib import Path
@@ -67,6 +64,7 @@ import diffusers  # noqa: E402
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler  # noqa: E402
 
 import belm_kernels as bk  # noqa: E402
+from stamp import device_slug, stamp  # noqa: E402
 from belm_kernels.diffusers import BELMScheduler  # noqa: E402
 from belm_kernels.ops import _resolve  # noqa: E402
 
@@ -77,40 +75,10 @@ SD_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                  beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading")
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def stamp(device: torch.device) -> dict[str, str]:
+def run_stamp(device: torch.device) -> dict[str, str]:
     malloc = "kept" if all(os.environ.get(k) == v for k, v in _MALLOC_ENV.items()) else "default"
-    info = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "python": platform.python_version(),
-        "cpu": cpu_model(),
-        "cpu_cores": str(os.cpu_count()),
-        "torch_threads": str(torch.get_num_threads()),
-        "malloc": malloc if device.type == "cpu" else "n/a",
-        "load_avg_1min": f"{os.getloadavg()[0]:.2f}",
-    }
-    if device.type == "cuda":
-        info["device"] = torch.cuda.get_device_name(device)
-        info["cuda"] = str(torch.version.cuda)
-    else:
-        info["device"] = f"{info['cpu']} ({info['cpu_cores']} cores)"
-    return info
-
-
-def device_slug(device: torch.device, info: dict[str, str]) -> str:
-    name = info["device"] if device.type == "cuda" else f"cpu-{info['cpu']}-{info['cpu_cores']}c"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return stamp(device, diffusers=diffusers.__version__,
+                 malloc=malloc if device.type == "cpu" else "n/a")
 
 
 def sync(device: torch.device) -> None:
@@ -201,9 +169,9 @@ def bench(device: torch.device, dtype: torch.dtype, repeats: int):
     return rows
 
 
-def write(rows, info, slug):
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    csv_path = RESULTS / f"scheduler_{slug}.csv"
+def write(rows, info, slug, out_dir: Path = RESULTS):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / f"scheduler_{slug}.csv"
     with open(csv_path, "w", newline="") as f:
         for key, value in info.items():
             f.write(f"# {key}: {value}\n")
@@ -229,7 +197,7 @@ def write(rows, info, slug):
         lines.append(f"| {r['shape']} | {r['scheduler']} | {r['backend']} | {r['per_step_us']} | "
                      f"{r['min_per_step_us']} | {r['set_timesteps_us']} | {r['ddim_over_this']} |")
     lines += ["", "Reproduce: `python bench/bench_scheduler.py`", ""]
-    md_path = RESULTS / f"scheduler_{slug}.md"
+    md_path = out_dir / f"scheduler_{slug}.md"
     md_path.write_text("\n".join(lines))
     return csv_path, md_path
 
@@ -241,20 +209,22 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed runs per scheduler and shape (default: 15 CPU, 30 GPU)")
     parser.add_argument("--tag", default="", help="suffix for the output file names")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS,
+                        help="where the CSV and markdown go (default: bench/results)")
     parser.add_argument("--malloc", choices=["kept", "default"], default="kept",
                         help="CPU: keep freed memory in the process (default) or not")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     repeats = args.repeats or (30 if device.type == "cuda" else 15)
-    info = stamp(device)
+    info = run_stamp(device)
     print("  ".join(f"{k}: {v}" for k, v in info.items()))
     with torch.no_grad():
         rows = bench(device, getattr(torch, args.dtype), repeats)
     slug = device_slug(device, info) + args.tag
     if device.type == "cpu" and info["malloc"] == "default":
         slug += "-default-malloc"
-    for path in write(rows, info, slug):
-        print("wrote", path.relative_to(ROOT))
+    for path in write(rows, info, slug, args.out_dir):
+        print("wrote", path)
 
 
 if __name__ == "__main__":
