@@ -95,8 +95,8 @@ from diffusers.schedulers.scheduling_utils import (KarrasDiffusionSchedulers, Sc
 from tqdm.auto import tqdm
 
 from . import coefficients
-from .ops import (BACKENDS, BackendUnavailableError, available_backends, compute_dtype,
-                  lincomb3_, lincomb3_inverse_)
+from .ops import (BACKENDS, BackendUnavailableError, available_backends, check_like,
+                  compute_dtype, lincomb3_, lincomb3_inverse_)
 from .schedule import BETA_SCHEDULES, SPACINGS, Schedule, StateGrid
 
 __all__ = ["BELMScheduler", "BELMInverseScheduler", "LatentPair", "invert",
@@ -173,12 +173,7 @@ def _check_float_tensor(t: Any, name: str) -> None:
 def _check_pair(x_T: Any, x_T2: Any) -> None:
     _check_float_tensor(x_T, "x_T")
     _check_float_tensor(x_T2, "x_T2")
-    for what in ("shape", "dtype", "device"):
-        a, b = getattr(x_T, what), getattr(x_T2, what)
-        if a != b:
-            raise ValueError(f"the second latent x_T2 must have x_T's {what}: got "
-                             f"{tuple(b) if what == 'shape' else b} and "
-                             f"{tuple(a) if what == 'shape' else a}")
+    check_like(x_T2, x_T, "the second latent x_T2", "x_T")
 
 
 # --------------------------------------------------------------------------------------------

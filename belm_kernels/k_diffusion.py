@@ -41,7 +41,7 @@ import torch
 from tqdm.auto import trange
 
 from . import coefficients
-from .ops import FLOAT_DTYPES, compute_dtype, lincomb3_, lincomb3_inverse_
+from .ops import FLOAT_DTYPES, check_like, coef_table, lincomb3_, lincomb3_inverse_
 from .schedule import StateGrid
 
 __all__ = ["sample_obelm", "invert_obelm", "obelm_rows"]
@@ -118,11 +118,6 @@ def _denoised_form(rows: torch.Tensor, sigma_model: torch.Tensor) -> torch.Tenso
     return torch.stack([a, b + k, -k], dim=1)
 
 
-def _to_device(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    # Moved once per run; each step then passes a (3,) row view on x's device.
-    return rows.to(device=like.device, dtype=compute_dtype(like.dtype)).contiguous()
-
-
 def obelm_rows(sigmas) -> torch.Tensor:
     """(N, 3) float64 rows of the denoised-form O-BELM step for VE ``sigmas`` (ending in 0).
 
@@ -174,17 +169,14 @@ def sample_obelm(model: Denoiser, x: torch.Tensor, sigmas, extra_args: dict | No
     if x_next is not None:
         if not isinstance(x_next, torch.Tensor):
             raise TypeError(f"x_next must be a torch.Tensor or None, got {type(x_next).__name__}")
-        for what in ("shape", "dtype", "device"):
-            if getattr(x_next, what) != getattr(x, what):
-                raise ValueError(f"x_next must have x's {what} {getattr(x, what)}, "
-                                 f"got {getattr(x_next, what)}")
+        check_like(x_next, x, "x_next", "x")
     sig64 = _check_sigmas(sigmas, 1 if x_next is None else 2,
                           "" if x_next is None else "when x_next is given (x, x_next sit at "
                           "sigmas[0] > sigmas[1] > 0)")
     extra_args = {} if extra_args is None else extra_args
     sigma_in, sig_src = _sigma_fn(sigmas, sig64, x)
     n = len(sig64) - 1
-    coef = _to_device(_denoised_form(coefficients.obelm(_grid(sig64)), sig64[:-1]), x)
+    coef = coef_table(_denoised_form(coefficients.obelm(_grid(sig64)), sig64[:-1]), x)
 
     first = 0 if x_next is None else 1
     prev, cur = x.clone(), (x if x_next is None else x_next).clone()
@@ -219,10 +211,10 @@ def invert_obelm(model: Denoiser, x0: torch.Tensor, sigmas, extra_args: dict | N
     sigma_in, sig_src = _sigma_fn(sigmas, sig64, x0)
     n = len(sig64) - 1
     grid = _grid(sig64)
-    coef = _to_device(_denoised_form(coefficients.obelm(grid), sig64[:-1]), x0)
+    coef = coef_table(_denoised_form(coefficients.obelm(grid), sig64[:-1]), x0)
     # DDIM inversion of the last step, eps evaluated at the clean state with noise level
     # sigmas[-2]: x_{N-1} = x0 + sigma_{N-1} (x0 - D) / sigma_{N-1}, i.e. row (0, 2, -1).
-    first = _to_device(_denoised_form(coefficients.ddim_inverse(grid)[-1:], sig64[-2:-1]), x0)[0]
+    first = coef_table(_denoised_form(coefficients.ddim_inverse(grid)[-1:], sig64[-2:-1]), x0)[0]
 
     prev, cur = x0.clone(), x0.clone()
     for k in trange(n, disable=disable):

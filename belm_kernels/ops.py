@@ -59,6 +59,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def coef_table(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Coefficient rows on ``like``'s device in its compute dtype, contiguous, so that a sampler
+    moves its float64 table once per run and each step passes a (3,) row view."""
+    return rows.to(device=like.device, dtype=compute_dtype(like.dtype)).contiguous()
+
+
 class _TorchBackend:
     name = "torch"
     dtypes = FLOAT_DTYPES
@@ -159,6 +165,14 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
 
     (a0, a1), (b0, b1) = span(a), span(b)
     return a0 < b1 and b0 < a1
+
+
+def check_like(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:
+    """Raise ValueError unless ``t`` has ``ref``'s shape, dtype and device."""
+    for what in ("shape", "dtype", "device"):
+        want, got = getattr(ref, what), getattr(t, what)
+        if got != want:
+            raise ValueError(f"{name} must have {ref_name}'s {what} {want}, got {got}")
 
 
 def _check_tensors(x, y, z) -> None:

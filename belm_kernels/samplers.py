@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import coefficients
-from .ops import compute_dtype, lincomb3_, lincomb3_inverse_
+from .ops import check_like, coef_table, lincomb3_, lincomb3_inverse_
 from .schedule import Schedule
 
 EpsFn = Callable[[torch.Tensor, int], torch.Tensor]
@@ -41,10 +41,7 @@ def _check_pair(x_T: torch.Tensor, x_T2: torch.Tensor | None) -> None:
         return
     if not isinstance(x_T2, torch.Tensor):
         raise TypeError(f"x_T2 must be a tensor or None, got {type(x_T2).__name__}")
-    for what in ("shape", "dtype", "device"):
-        if getattr(x_T2, what) != getattr(x_T, what):
-            raise ValueError(f"x_T2 must have x_T's {what} {getattr(x_T, what)}, "
-                             f"got {getattr(x_T2, what)}")
+    check_like(x_T2, x_T, "x_T2", "x_T")
 
 
 class Sampler:
@@ -68,10 +65,6 @@ class Sampler:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_steps={self.num_steps}, spacing={self.spacing!r})"
-
-    def _coef(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        # Moved to the device once per loop; each step then passes a (3,) row view.
-        return rows.to(device=like.device, dtype=compute_dtype(like.dtype)).contiguous()
 
     def _progress(self, total: int, enabled: bool, what: str):
         return tqdm(total=total, disable=not enabled, desc=f"{self.name} {what}", unit="step")
@@ -110,7 +103,7 @@ class TwoStepSampler(Sampler):
         ts = self.timesteps.tolist()
         first = 0 if x_T2 is None else 1
         prev, cur = x_T.clone(), (x_T if x_T2 is None else x_T2).clone()
-        coef = self._coef(self.rows(), x_T)
+        coef = coef_table(self.rows(), x_T)
         steps = [(ts[j], j) for j in range(first, self.num_steps)]
         _, cur = self._run(eps_fn, prev, cur, steps, coef, False, backend, progress, "sampling")
         return cur
@@ -121,12 +114,12 @@ class TwoStepSampler(Sampler):
         _check_pair(x0, None)
         ts, n = self.timesteps.tolist(), self.num_steps
         # One DDIM-inversion step from the clean state gives the second state of the pair ...
-        ddim_inv = self._coef(coefficients.ddim_inverse(self.grid), x0)
+        ddim_inv = coef_table(coefficients.ddim_inverse(self.grid), x0)
         prev, cur = self._run(eps_fn, x0.clone(), x0.clone(), [(ts[n - 1], n - 1)], ddim_inv,
                               False, backend, False, "inversion")
         # ... then every later step is the exact algebraic inverse of a sampling step.
         steps = [(ts[j], j) for j in range(n - 1, 0, -1)]
-        prev, cur = self._run(eps_fn, prev, cur, steps, self._coef(self.rows(), x0), True,
+        prev, cur = self._run(eps_fn, prev, cur, steps, coef_table(self.rows(), x0), True,
                               backend, progress, "inversion")
         return cur, prev
 
@@ -142,7 +135,7 @@ class DDIMSampler(TwoStepSampler):
     def invert(self, eps_fn, x0, *, backend="auto", progress=False):
         _check_pair(x0, None)
         ts = self.timesteps.tolist()
-        coef = self._coef(coefficients.ddim_inverse(self.grid), x0)
+        coef = coef_table(coefficients.ddim_inverse(self.grid), x0)
         steps = [(ts[j], j) for j in range(self.num_steps - 1, -1, -1)]
         prev, cur = self._run(eps_fn, x0.clone(), x0.clone(), steps, coef, False, backend,
                               progress, "inversion")
@@ -192,8 +185,8 @@ class EDICTSampler(Sampler):
 
     def _tables(self, like):
         _, r, d = coefficients.ddim(self.grid).unbind(1)
-        step = self._coef(torch.stack([r, torch.zeros_like(r), d], dim=1), like)
-        mix = self._coef(torch.tensor([self.p, 1 - self.p, 0.0], dtype=torch.float64), like)
+        step = coef_table(torch.stack([r, torch.zeros_like(r), d], dim=1), like)
+        mix = coef_table(torch.tensor([self.p, 1 - self.p, 0.0], dtype=torch.float64), like)
         return step, mix
 
     def sample(self, eps_fn, x_T, x_T2=None, *, backend="auto", progress=False):
