@@ -63,6 +63,12 @@ class Sampler:
     def num_steps(self) -> int:
         return len(self.timesteps)
 
+    @property
+    def model_times(self) -> list:
+        """What the model receives as its time argument at each of the N states, noisiest first
+        (integer training timesteps here)."""
+        return self.timesteps.tolist()
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_steps={self.num_steps}, spacing={self.spacing!r})"
 
@@ -100,7 +106,7 @@ class TwoStepSampler(Sampler):
     def sample(self, eps_fn, x_T, x_T2=None, *, backend="auto", progress=False):
         """Integrate from x_T (state 0) to the clean state; from the pair, start at state 1."""
         _check_pair(x_T, x_T2)
-        ts = self.timesteps.tolist()
+        ts = self.model_times
         first = 0 if x_T2 is None else 1
         prev, cur = x_T.clone(), (x_T if x_T2 is None else x_T2).clone()
         coef = coef_table(self.rows(), x_T)
@@ -112,7 +118,7 @@ class TwoStepSampler(Sampler):
         """Return (x_T, x_T2), the two noisiest states, from which ``sample`` rebuilds x0."""
         self._check_invertible()
         _check_pair(x0, None)
-        ts, n = self.timesteps.tolist(), self.num_steps
+        ts, n = self.model_times, self.num_steps
         # One DDIM-inversion step from the clean state gives the second state of the pair ...
         ddim_inv = coef_table(coefficients.ddim_inverse(self.grid), x0)
         prev, cur = self._run(eps_fn, x0.clone(), x0.clone(), [(ts[n - 1], n - 1)], ddim_inv,
@@ -134,7 +140,7 @@ class DDIMSampler(TwoStepSampler):
 
     def invert(self, eps_fn, x0, *, backend="auto", progress=False):
         _check_pair(x0, None)
-        ts = self.timesteps.tolist()
+        ts = self.model_times
         coef = coef_table(coefficients.ddim_inverse(self.grid), x0)
         steps = [(ts[j], j) for j in range(self.num_steps - 1, -1, -1)]
         prev, cur = self._run(eps_fn, x0.clone(), x0.clone(), steps, coef, False, backend,
@@ -194,7 +200,7 @@ class EDICTSampler(Sampler):
         x, y = x_T.clone(), (x_T if x_T2 is None else x_T2).clone()
         step, mix = self._tables(x)
         with self._progress(self.num_steps, progress, "sampling") as bar:
-            for j, t in enumerate(self.timesteps.tolist()):
+            for j, t in enumerate(self.model_times):
                 lincomb3_(x, y, _eps(eps_fn, y, t), step[j], backend=backend)
                 lincomb3_(y, x, _eps(eps_fn, x, t), step[j], backend=backend)
                 lincomb3_(x, y, y, mix, backend=backend)
@@ -206,7 +212,7 @@ class EDICTSampler(Sampler):
         _check_pair(x0, None)
         x, y = x0.clone(), x0.clone()
         step, mix = self._tables(x)
-        ts = self.timesteps.tolist()
+        ts = self.model_times
         with self._progress(self.num_steps, progress, "inversion") as bar:
             for j in range(self.num_steps - 1, -1, -1):
                 lincomb3_inverse_(y, x, x, mix, backend=backend)

@@ -8,7 +8,8 @@ a GPU, "cuda" backends automatically). This file covers what is particular to th
   between its AVX-512, AVX2 and scalar code, between contiguous and strided layouts, and across
   the thread chunks and per-sample rows of a large tensor;
 * direct calls through ``torch.ops.belm.lincomb3_ext`` validate their arguments;
-* every ``csrc/*.cu`` compiles with nvcc for sm_80 and sm_90 (nvcc missing is a failure);
+* every ``csrc/*.cu`` compiles with nvcc for sm_80 and sm_90 (without nvcc these tests skip, and
+  fail where BELM_KERNELS_REQUIRE_NVCC=1, as in CI);
 * the CUDA kernels' own code (csrc/lincomb3_cuda_kernels.cuh: path planning, 128-bit packs,
   tails, strided offsets, per-sample rows, roundings) run on the host gives bit-identical
   results to the CPU extension, so the CUDA arithmetic is checked without a GPU;
@@ -343,19 +344,6 @@ def test_cpu_op_passes_opcheck(cpu_ext):
 # CUDA sources: nvcc compiles them here; their kernels run on the host.
 
 
-def find_nvcc() -> str:
-    candidates = [shutil.which("nvcc")]
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            candidates.append(os.path.join(os.environ[var], "bin", "nvcc"))
-    candidates.append("/usr/local/cuda/bin/nvcc")
-    for c in candidates:
-        if c and os.path.isfile(c) and os.access(c, os.X_OK):
-            return c
-    pytest.fail("nvcc not found (looked on PATH, in $CUDA_HOME/bin and /usr/local/cuda/bin): "
-                "the CUDA sources must compile on this machine")
-
-
 def torch_includes() -> list[str]:
     from torch.utils.cpp_extension import include_paths
 
@@ -371,8 +359,7 @@ def test_there_are_cuda_sources():
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("source", CU_FILES)
-def test_nvcc_compiles(source, arch, tmp_path):
-    nvcc = find_nvcc()
+def test_nvcc_compiles(nvcc, source, arch, tmp_path):
     out = tmp_path / (Path(source).stem + f"_{arch}.o")
     cmd = [nvcc, "-c", "-std=c++17", f"-arch={arch}", "-O3", "-Xcompiler", "-fPIC",
            *CPP_EXTENSION_NVCC_FLAGS, *torch_includes(), str(CSRC / source), "-o", str(out)]
@@ -447,8 +434,7 @@ DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float
 
 
 @pytest.fixture(scope="module")
-def cuda_host_harness(tmp_path_factory):
-    nvcc = find_nvcc()
+def cuda_host_harness(nvcc, tmp_path_factory):
     d = tmp_path_factory.mktemp("cuda_harness")
     (d / "harness.cu").write_text(HARNESS)
     exe = d / "harness"
