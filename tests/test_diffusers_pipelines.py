@@ -399,6 +399,27 @@ def test_sdxl_defaults_invert_and_edit(sdxl_pipe):
     assert edit.shape == (1, 16, 16, 3) and bool(torch.isfinite(torch.from_numpy(edit)).all())
 
 
+@pytest.mark.parametrize("sdxl_pipe", [dict(dtype=torch.float16)], indirect=True)
+@pytest.mark.filterwarnings("ignore:.*float16")  # diffusers: float16 on a CPU is unusual
+def test_sdxl_float16_upcasts_its_vae_to_encode(sdxl_pipe):
+    """A float16 VAE with force_upcast (SDXL's) encodes in float32, as the SDXL img2img pipeline
+    does, and is float16 again afterwards; float16 latents come back exactly."""
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        pixels = sdxl_pipe.image_processor.preprocess(image)
+        expected = (sdxl_pipe.vae.float().encode(pixels).latent_dist.mean
+                    * sdxl_pipe.vae.config.scaling_factor)
+    sdxl_pipe.vae.half()
+    x0 = image_latents(sdxl_pipe, image)
+    assert sdxl_pipe.vae.dtype == torch.float16 and x0.dtype == torch.float16
+    assert torch.equal(x0, expected.half())
+    pair = invert(sdxl_pipe, image=image, prompt="a cat", num_inference_steps=6, progress=False)
+    assert sdxl_pipe.vae.dtype == torch.float16
+    sdxl_pipe.scheduler.set_latent_pair(pair)
+    out = sdxl_pipe("a cat", latents=pair.x_T2, num_inference_steps=6, output_type="latent").images
+    assert out.dtype == torch.float16 and torch.equal(out, x0)
+
+
 # ------------------------------------------------------------------ examples
 
 
