@@ -4,13 +4,14 @@ import importlib
 
 from .models import GaussianMixture
 from .ops import BackendUnavailableError, available_backends, lincomb3_, lincomb3_inverse_
-from .samplers import SAMPLERS, Sampler, get_sampler
-from .schedule import Schedule
+from .samplers import FLOW_SAMPLERS, SAMPLERS, Sampler, get_sampler
+from .schedule import FlowSchedule, Schedule, calculate_shift
 
 __all__ = [
     "BackendUnavailableError", "GaussianMixture", "SAMPLERS", "Sampler", "Schedule",
     "available_backends", "get_sampler", "lincomb3_", "lincomb3_inverse_",
     "BELMScheduler", "BELMInverseScheduler", "sample_obelm", "invert_obelm",
+    "FLOW_SAMPLERS", "FlowSchedule", "calculate_shift",
 ]
 __version__ = "0.1.0"
 

@@ -10,7 +10,8 @@ import torch
 
 from . import ops
 from .accuracy import DTYPES, format_table, plot_convergence, run_study
-from .samplers import SAMPLERS
+from .samplers import SAME_STEP, FLOW_SAMPLERS, SAMPLERS
+from .schedule import FlowSchedule
 
 
 def _csv(kind, choices=None):
@@ -41,19 +42,46 @@ def op_step_time(backend: str, shape, dtype: torch.dtype, device: str, repeats: 
     return sorted(times)[len(times) // 2]
 
 
+def _methods(names, table) -> list[str]:
+    """The requested samplers that exist for one kind of schedule; DDIM and Euler, the same step,
+    stand for each other (``--method obelm,ddim`` runs Euler on the flow schedule)."""
+    return list(dict.fromkeys(n if n in table else SAME_STEP[n] for n in names))
+
+
 def demo(args) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
+    try:
+        flow = (FlowSchedule(use_dynamic_shifting=True, mu=args.mu) if args.mu is not None
+                else FlowSchedule(shift=args.shift))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
-    rows = run_study(methods=args.method, steps=args.steps, dtypes=args.dtype, batch=args.batch,
-                     device=args.device, backend=args.backend)
-    print(f"Accuracy on the analytic Gaussian-mixture model (8-D, 4 components, batch {args.batch}, "
-          f"SD scaled_linear schedule, linspace spacing, device {args.device}, "
-          f"backend {args.backend}):\n")
-    print(format_table(rows))
+    study = dict(steps=args.steps, dtypes=args.dtype, batch=args.batch, device=args.device,
+                 backend=args.backend)
+    rows = []
+    if "vp" in args.schedule:
+        vp_rows = run_study(methods=_methods(args.method, SAMPLERS), **study)
+        print(f"Accuracy on the analytic Gaussian-mixture model (8-D, 4 components, batch "
+              f"{args.batch}, SD scaled_linear schedule, linspace spacing, device {args.device}, "
+              f"backend {args.backend}):\n")
+        print(format_table(vp_rows))
+        rows += vp_rows
+    if "flow" in args.schedule:
+        flow_rows = run_study(methods=_methods(args.method, FLOW_SAMPLERS), schedule=flow, **study)
+        if rows:
+            print()
+        print(f"Rectified flow on the same model (exact velocity "
+              f"v = E[noise - data | x], {flow!r}, error vs the exact flow-ODE solution from "
+              f"sigma = 1, device {args.device}, backend {args.backend}):\n")
+        print(format_table(flow_rows))
+        rows += flow_rows
     if args.plot:
-        plot_convergence(rows, args.plot)
+        how = f"mu={flow.mu}" if flow.use_dynamic_shifting else f"shift={flow.shift}"
+        note = {"vp": "VP: SD scaled_linear schedule", "flow": f"flow: FlowSchedule({how})"}
+        plot_convergence(rows, args.plot, note="; ".join(note[k] for k in args.schedule))
         print(f"\nconvergence plot written to {args.plot}")
     shape = tuple(args.latent_shape)
     print(f"\nStep time of the fused update (median of 50 calls), latents {shape} on {args.device}:\n")
@@ -108,8 +136,17 @@ def main(argv=None) -> int:
                    help="latent dtypes for the round trip and the step time (default: all four)")
     p.add_argument("--steps", type=_csv(int), default=[10, 20, 50, 100],
                    help="numbers of model steps N (default: 10,20,50,100)")
-    p.add_argument("--method", type=_csv(str, tuple(SAMPLERS)), default=list(SAMPLERS),
-                   help=f"samplers, comma separated (default: {','.join(SAMPLERS)})")
+    p.add_argument("--method", type=_csv(str, tuple({**SAMPLERS, **FLOW_SAMPLERS})),
+                   default=list(SAMPLERS),
+                   help=f"samplers, comma separated (default: {','.join(SAMPLERS)}; on the "
+                        "flow schedule ddim means euler and vice versa)")
+    p.add_argument("--schedule", type=_csv(str, ("vp", "flow")), default=["vp", "flow"],
+                   help="which studies: vp (eps model, SD's schedule), flow (velocity model, "
+                        "rectified flow) (default: vp,flow)")
+    p.add_argument("--shift", type=float, default=3.0,
+                   help="static shift of the flow schedule (default: 3.0, SD3's)")
+    p.add_argument("--mu", type=float, default=None,
+                   help="use Flux-style dynamic shifting with this mu instead of --shift")
     p.add_argument("--backend", default="auto", choices=ops.BACKENDS + ("auto",))
     p.add_argument("--batch", type=int, default=64, help="samples in the study (default: 64)")
     p.add_argument("--latent-shape", type=_csv(int), default=[1, 4, 64, 64],

@@ -1,7 +1,9 @@
 """Noise schedules, timestep spacing and the state grid the samplers walk.
 
 Conventions follow diffusers, so that the same configuration gives bit-identical alphas_cumprod
-and the same integer timesteps as its schedulers.
+and the same integer timesteps as its schedulers (``Schedule``, variance preserving), and the
+same sigmas as its FlowMatchEulerDiscreteScheduler up to float32 rounding (``FlowSchedule``,
+rectified flow: SD3, Flux).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 SPACINGS = ("linspace", "leading", "trailing")
@@ -45,6 +48,8 @@ class StateGrid:
     """The N+1 states of an N-step sampler, noisiest first; the last one is clean (alpha=1).
 
     ``timesteps[j]`` is the model timestep of state j (j < N); ``alpha``/``sigma`` are float64.
+    A flow grid (``FlowSchedule.grid``) has alpha = 1 and sigma = the flow's own sigmas, so that
+    sbar = sigma and every coefficient function applies to it unchanged (DESIGN.md section 2b).
     """
 
     timesteps: torch.Tensor
@@ -127,3 +132,137 @@ class Schedule:
         alpha = torch.cat([ac.sqrt(), ac.new_ones(1)])
         sigma = torch.cat([(1 - ac).sqrt(), ac.new_zeros(1)])
         return StateGrid(timesteps=timesteps, alpha=alpha, sigma=sigma)
+
+
+# --------------------------------------------------------------------------------------------
+# Rectified flow (DESIGN.md section 2b).
+
+
+def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
+                    base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """Flux's mu for an image of ``image_seq_len`` latent tokens: the line through
+    (base_seq_len, base_shift) and (max_seq_len, max_shift), as diffusers' pipelines compute it
+    (Flux: tokens = (height // 16) * (width // 16); SD3 with dynamic shifting: patches)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return image_seq_len * m + b
+
+
+def _real(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite float, got {value!r}")
+    return float(value)
+
+
+def _vector(values, name: str) -> torch.Tensor:
+    """A float64 CPU copy of a 1-D sequence / array / tensor of reals."""
+    try:
+        if isinstance(values, torch.Tensor):
+            v = values.detach()
+        else:  # through numpy, so Python floats stay float64 (torch would make them float32)
+            v = torch.as_tensor(np.asarray(values))
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a 1-D sequence of floats, got "
+                        f"{type(values).__name__}") from None
+    if v.dtype == torch.bool or v.is_complex() or v.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D sequence of real numbers, got dtype {v.dtype} "
+                         f"and shape {tuple(v.shape)}")
+    return v.to("cpu", torch.float64)
+
+
+def _check_decreasing_in_unit(s: torch.Tensor, name: str) -> None:
+    """Every entry in (0, 1] and each one below the previous; names the first bad entry."""
+    values = s.tolist()
+    for k, value in enumerate(values):
+        if not 0 < value <= 1:  # also catches nan
+            raise ValueError(f"{name}[{k}] = {value!r} is outside (0, 1]")
+        if k and value >= values[k - 1]:
+            raise ValueError(f"{name} must be strictly decreasing, but {name}[{k}] = {value!r} "
+                             f"follows {name}[{k - 1}] = {values[k - 1]!r}")
+
+
+class FlowSchedule:
+    """The sigma grid of a rectified-flow model, x_s = (1 - s) x_0 + s noise with s in [0, 1].
+
+    The same floats as diffusers' FlowMatchEulerDiscreteScheduler with the same config (computed
+    here in float64, so equal up to its float32 rounding):
+
+    - static shift (SD3: ``shift=3.0``): sigma -> shift * sigma / (1 + (shift - 1) * sigma);
+    - dynamic shifting (Flux: ``use_dynamic_shifting=True, mu=calculate_shift(seq_len)``):
+      sigma -> e^mu / (e^mu + 1 / sigma - 1); ``shift`` is then ignored, as in diffusers;
+    - N sigmas: a linspace from sigma_max = 1 to sigma_min (the shifted 1 / num_train_timesteps)
+      that is shifted (again), or custom ``sigmas`` (as the Flux pipeline passes them,
+      ``np.linspace(1, 1 / N, N)``) that are shifted; then a final 0 is appended;
+    - the model timesteps are num_train_timesteps * sigma.
+    """
+
+    def __init__(self, shift: float = 1.0, use_dynamic_shifting: bool = False,
+                 mu: float | None = None, num_train_timesteps: int = 1000):
+        shift = _real(shift, "shift")
+        if shift <= 0:
+            raise ValueError(f"shift must be > 0, got {shift!r}")
+        if not isinstance(use_dynamic_shifting, bool):
+            raise TypeError(f"use_dynamic_shifting must be a bool, got {use_dynamic_shifting!r}")
+        if use_dynamic_shifting and mu is None:
+            raise ValueError("use_dynamic_shifting=True needs mu (Flux: mu = "
+                             "calculate_shift(image_seq_len), from the image size)")
+        if not use_dynamic_shifting and mu is not None:
+            raise ValueError(f"mu={mu!r} is only used with use_dynamic_shifting=True; static "
+                             "shifting is set by shift")
+        n = num_train_timesteps
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise ValueError(f"num_train_timesteps must be an int >= 2, got {n!r}")
+        self.shift = shift
+        self.use_dynamic_shifting = use_dynamic_shifting
+        self.mu = None if mu is None else _real(mu, "mu")
+        self.num_train_timesteps = n
+
+    def __repr__(self) -> str:
+        how = (f"use_dynamic_shifting=True, mu={self.mu!r}" if self.use_dynamic_shifting
+               else f"shift={self.shift!r}")
+        return f"FlowSchedule({how}, num_train_timesteps={self.num_train_timesteps})"
+
+    def shifted(self, s: torch.Tensor) -> torch.Tensor:
+        """The schedule's map of unshifted sigmas in (0, 1] to the sigmas the model sees."""
+        if self.use_dynamic_shifting:
+            e = math.exp(self.mu)
+            return e / (e + (1 / s - 1))
+        return self.shift * s / (1 + (self.shift - 1) * s)
+
+    def sigmas(self, num_steps: int | None = None, sigmas=None) -> torch.Tensor:
+        """float64 (N+1,) sigmas of the N model calls, descending, then the final 0.
+
+        As ``FlowMatchEulerDiscreteScheduler.set_timesteps(num_steps, sigmas=sigmas)``:
+        ``sigmas`` are N unshifted values, strictly decreasing in (0, 1], without the final 0.
+        """
+        if sigmas is None:
+            n = num_steps
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"num_steps must be an int >= 1, got {n!r}")
+            # diffusers' sigma_min: 1 / num_train_timesteps, already shifted by a static shift
+            sigma_min = 1 / self.num_train_timesteps
+            if not self.use_dynamic_shifting:
+                sigma_min = float(self.shifted(torch.tensor(sigma_min, dtype=torch.float64)))
+            s = torch.linspace(1.0, sigma_min, n, dtype=torch.float64)
+        else:
+            s = _vector(sigmas, "sigmas")
+            if num_steps is not None and num_steps != len(s):
+                raise ValueError(f"num_steps={num_steps!r} but {len(s)} sigmas were given; "
+                                 "pass one of them, or both equal")
+            if len(s) == 0:
+                raise ValueError("sigmas must not be empty")
+            _check_decreasing_in_unit(s, "sigmas")
+        return torch.cat([self.shifted(s), s.new_zeros(1)])
+
+    def grid(self, sigmas) -> StateGrid:
+        """The state grid of the given (N+1,) sigmas (strictly decreasing in (0, 1], then 0):
+        alpha = 1, sigma = sigmas, timesteps = num_train_timesteps * sigmas[:-1] (float64)."""
+        s = _vector(sigmas, "sigmas")
+        if len(s) < 2:
+            raise ValueError(f"sigmas must have at least 2 entries (one step), got {len(s)}")
+        if float(s[-1]) != 0:
+            raise ValueError(f"sigmas must end in 0 (the clean state), got last entry "
+                             f"{float(s[-1])!r}")
+        _check_decreasing_in_unit(s[:-1], "sigmas")
+        return StateGrid(timesteps=self.num_train_timesteps * s[:-1], alpha=torch.ones_like(s),
+                         sigma=s)

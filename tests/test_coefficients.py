@@ -5,14 +5,23 @@ of order p integrates xbar(s) = s^k exactly for k <= p when eps is the exact der
 evaluated state. Any wrong coefficient breaks one of these identities.
 """
 
+import numpy as np
 import pytest
 import torch
 
-from belm_kernels import Schedule, coefficients
+from belm_kernels import FlowSchedule, Schedule, calculate_shift, coefficients
 
 
-@pytest.fixture(params=["linspace", "trailing"])
+@pytest.fixture(params=["linspace", "trailing", "flow-sd3", "flow-flux"])
 def grid(request):
+    """VP grids, and flow grids (alpha = 1, sigma = sbar = s: DESIGN.md section 2b), on which the
+    same identities check the flow's Euler / O-BELM / BDIA rows."""
+    if request.param == "flow-sd3":
+        fs = FlowSchedule(shift=3.0)
+        return fs.grid(fs.sigmas(12))
+    if request.param == "flow-flux":
+        fs = FlowSchedule(use_dynamic_shifting=True, mu=calculate_shift(4096))
+        return fs.grid(fs.sigmas(sigmas=np.linspace(1, 1 / 12, 12)))
     sched = Schedule.from_betas(0.00085, 0.012, "scaled_linear")
     return sched.grid(sched.timesteps(12, request.param))
 

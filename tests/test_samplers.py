@@ -255,3 +255,19 @@ def test_bdia_gamma_zero_still_samples():
     s = bk.get_sampler("bdia", SCHED, 5, gamma=0.0)
     torch.testing.assert_close(s.sample(eps_fn64, noise()),
                                bk.get_sampler("ddim", SCHED, 5).sample(eps_fn64, noise()))
+
+
+def test_readme_quick_start_runs_as_written(capsys):
+    """The README's Quick start code blocks, run in order in one namespace."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) >= 3
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    printed = [float(v) for v in re.findall(r"^(\S+e-\d+)$", capsys.readouterr().out, flags=re.M)]
+    assert len(printed) == 2 and max(printed) < 1e-12  # the VP and flow float64 reconstructions
