@@ -46,14 +46,10 @@ def nvcc() -> str:
 
 def _tiny_belm_pipeline(request, builder_name: str, **defaults):
     pytest.importorskip("diffusers")
-    import warnings
-
     from belm_kernels.diffusers import BELMScheduler, tiny_pipelines
 
     pipe = getattr(tiny_pipelines, builder_name)(**{**defaults, **getattr(request, "param", {})})
-    with warnings.catch_warnings():  # SD 1.x's set_alpha_to_one=False: tested on its own
-        warnings.filterwarnings("ignore", "BELMScheduler: set_alpha_to_one=False is ignored")
-        pipe.scheduler = BELMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = BELMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -23,9 +23,6 @@ from belm_kernels.diffusers import BELMScheduler, image_latents, invert
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The tiny SD pipeline's scheduler config is SD 1.x's (set_alpha_to_one=False), which BELM
-# schedulers warn about; that warning is tested in test_diffusers_schedulers.py.
-pytestmark = pytest.mark.filterwarnings("ignore:BELM.*set_alpha_to_one=False is ignored")
 
 
 def rel(a, b):

@@ -179,8 +179,7 @@ def test_betas_alphas_alphas_cumprod_are_ddims(config):
                 assert torch.equal(ours, theirs), name
 
 
-@pytest.mark.parametrize("option,value", [("clip_sample", True), ("thresholding", True),
-                                          ("set_alpha_to_one", False)])
+@pytest.mark.parametrize("option,value", [("clip_sample", True), ("thresholding", True)])
 def test_ignored_ddim_options_warn_from_the_constructor_and_from_config(option, value):
     for cls in (BELMScheduler, BELMInverseScheduler):
         match = f"{cls.__name__}: {option}={value} is ignored"
@@ -195,6 +194,9 @@ def test_ignored_ddim_options_warn_from_the_constructor_and_from_config(option, 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         BELMScheduler(clip_sample=False, thresholding=False, set_alpha_to_one=True)
+        BELMScheduler(set_alpha_to_one=False)  # SD 1.x's value: documented, not warned about
+        BELMScheduler.from_config(DDIMScheduler(**SD, clip_sample=False,
+                                                set_alpha_to_one=False).config)
         BELMScheduler.from_config(DDIMScheduler(**SD, clip_sample=False).config)
         BELMScheduler.from_config(EulerDiscreteScheduler(**SD).config)  # no such keys
 

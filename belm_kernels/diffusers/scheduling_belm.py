@@ -12,13 +12,15 @@ the two states in that dtype when it is wider than the latents'). ``betas``, ``a
 the timestep the model was called with is folded into the float64 coefficient rows, so it costs
 nothing per step.
 
-Differences from DDIM, each with a warning when a config asks for the DDIM behaviour:
+Differences from DDIM:
 
-* ``set_alpha_to_one=False``: the last state is always the clean one (alpha_cumprod = 1, DDIM's
+* ``set_alpha_to_one``: the last state is always the clean one (alpha_cumprod = 1, DDIM's
   ``set_alpha_to_one=True``). With False DDIM's last step stops at the noise level of timestep 0
-  instead (sigma about 0.03 for SD); O-BELM's exactness does not depend on the choice.
-* ``clip_sample=True`` / ``thresholding=True``: the predicted x0 is never clipped or thresholded
-  (that would break exact inversion; latent-diffusion configs turn both off anyway).
+  instead (sigma about 0.03 for SD); O-BELM's exactness does not depend on the choice. No warning:
+  every SD 1.x config sets False, and a warning on every standard pipeline would only teach users
+  to ignore warnings.
+* ``clip_sample=True`` / ``thresholding=True`` warn: the predicted x0 is never clipped or
+  thresholded (that would break exact inversion; latent-diffusion configs turn both off anyway).
 
 ``rescale_betas_zero_snr=True`` puts alpha = 0 at the last training timestep, where sigma/alpha
 (the O-BELM time variable) is infinite: a grid that visits that timestep (e.g. "trailing" or
@@ -48,8 +50,6 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # DDIM options that the BELM schedulers accept but do not follow:
 # option -> (the value that asks for DDIM's behaviour, what happens instead)
 IGNORED_DDIM_OPTIONS = {
-    "set_alpha_to_one": (False, "the last state is always the clean one (alpha_cumprod = 1), as "
-                                "with DDIMScheduler(set_alpha_to_one=True)"),
     "clip_sample": (True, "the predicted x0 is never clipped (that would break exact inversion)"),
     "thresholding": (True, "the predicted x0 is never thresholded (that would break exact "
                            "inversion)"),
