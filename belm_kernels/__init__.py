@@ -2,6 +2,7 @@
 
 import importlib
 
+from .batched import BatchedStepper, GraphCaptureError
 from .models import GaussianMixture
 from .ops import BackendUnavailableError, available_backends, lincomb3_, lincomb3_inverse_
 from .samplers import SAMPLERS, Sampler, get_sampler
@@ -11,6 +12,7 @@ __all__ = [
     "BackendUnavailableError", "GaussianMixture", "SAMPLERS", "Sampler", "Schedule",
     "available_backends", "get_sampler", "lincomb3_", "lincomb3_inverse_",
     "BELMScheduler", "BELMInverseScheduler", "sample_obelm", "invert_obelm",
+    "BatchedStepper", "GraphCaptureError",
 ]
 __version__ = "0.1.0"
 
