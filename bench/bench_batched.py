@@ -12,10 +12,11 @@
    calls, and the speed-up over the per-request loop (median of --repeats interleaved runs). On
    a GPU the batched stepper also runs with ``graph=True`` (timed on a second pass over the same
    stream, when every layout's graph is already captured).
-2. Per-step overhead (the MLP). B requests on a 1000-step O-BELM grid (all sampling, or half sampling and
-   half inverting: two op launches per tick); a tick's time minus the time of the bare model
-   call on tensors of the same shapes is the stepper's overhead per step (gathering this tick's
-   rows and timesteps, the fused update(s), the step-index increment, the host bookkeeping).
+2. Per-step overhead (the MLP). B requests on a 1000-step O-BELM grid (all sampling, or half
+   sampling and half inverting: two op launches per tick); a tick's time minus the time of the
+   bare model call on tensors of the same shapes is the stepper's overhead per step (gathering
+   this tick's rows and timesteps, the fused update(s), the step-index increment, the host
+   bookkeeping); medians of interleaved samples.
    Eager on any device; on a GPU also under CUDA-graph replay (the tick replayed, against the
    model alone replayed), with the target of at most 3 us of overhead per step.
 
@@ -203,37 +204,41 @@ def captured(fn, device):
 
 
 def overhead(case, device, batch, mixed, graph, ticks):
+    """Per-tick time with the model, of the model alone, and of the stepper alone (a tick whose
+    model only returns a precomputed prediction): the overhead measured two ways."""
     name, model, shape, cond = case
-    sampler = bk.get_sampler("obelm", SCHED, 1000)
-    gen = torch.Generator().manual_seed(1)
-    st = BatchedStepper(model, SCHED, shape, capacity=batch, device=device,
-                        cond_shape=None if cond is None else cond.shape)
-    extra = {} if cond is None else {"cond": cond}
-    for i in range(batch):
-        st.add(torch.randn(shape, generator=gen).to(device), sampler,
-               "invert" if mixed and i % 2 else "sample", **extra)
-    for _ in range(3):  # warm-up (and, with graph=True, the capture)
-        st.tick(graph=graph)
     x = torch.randn(batch, *shape, device=device)
     t = torch.full((batch,), 500, device=device)
     args = (x, t) + (() if cond is None else (cond.expand(batch, *cond.shape).contiguous(),))
+    eps = model(*args)
+    sampler = bk.get_sampler("obelm", SCHED, 1000)
+    steppers = []
+    for m in (model, lambda x, *_: eps[:x.shape[0]]):
+        gen = torch.Generator().manual_seed(1)
+        st = BatchedStepper(m, SCHED, shape, capacity=batch, device=device,
+                            cond_shape=None if cond is None else cond.shape)
+        for i in range(batch):
+            st.add(torch.randn(shape, generator=gen).to(device), sampler,
+                   "invert" if mixed and i % 2 else "sample",
+                   **({} if cond is None else {"cond": cond}))
+        for _ in range(3):  # warm-up (and, with graph=True, the captures)
+            st.tick(graph=graph)
+        steppers.append(st)
     call = lambda: model(*args)  # noqa: E731
     call = captured(call, device) if graph else call
     call()
+    fns = [lambda: steppers[0].tick(graph=graph), call, lambda: steppers[1].tick(graph=graph)]
     # Interleaved samples of `per` calls each, medians: robust to a noisy neighbour.
     per = 25 if device.type == "cuda" else 5
-    samples = [(time_calls(lambda: st.tick(graph=graph), per, device), time_calls(call, per, device))
-               for _ in range(max(1, ticks // per))]
-    per_tick = statistics.median(s[0] for s in samples)
-    per_model = statistics.median(s[1] for s in samples)
-    finite = all(bool(r.isfinite().all()) for r in (st._prev, st._cur))  # states still sane?
+    samples = [[time_calls(fn, per, device) for fn in fns] for _ in range(max(1, ticks // per))]
+    tick, alone, bare = (statistics.median(s[k] for s in samples) * 1e6 for k in range(3))
     row = {"part": "overhead", "model": name, "variant": "graph" if graph else "eager",
            "batch": batch, "layout": "sample + invert" if mixed else "sample",
-           "tick_us": round(per_tick * 1e6, 2), "model_us": round(per_model * 1e6, 2),
-           "overhead_us": round((per_tick - per_model) * 1e6, 2), "states_finite": finite}
-    print(f"{name:26s} {row['variant']:6s} B={batch:3d} {row['layout']:16s} tick "
-          f"{row['tick_us']:10.1f} us  model {row['model_us']:10.1f} us  overhead "
-          f"{row['overhead_us']:8.1f} us", flush=True)
+           "tick_us": round(tick, 2), "model_us": round(alone, 2),
+           "overhead_us": round(tick - alone, 2), "stepper_alone_us": round(bare, 2)}
+    print(f"{name:14s} {row['variant']:6s} B={batch:3d} {row['layout']:16s} tick {tick:9.1f} us"
+          f"  model {alone:9.1f} us  difference {tick - alone:8.1f} us  stepper alone "
+          f"{bare:7.1f} us", flush=True)
     return row
 
 
@@ -262,14 +267,16 @@ def write(rows, info, slug, out_dir, command):
     lines += [f"| {r['model']} | {r['variant']} | {r['requests']} | {r['request_steps']} | "
               f"{r['model_calls']} | {r['seconds']} | {r['requests_per_s']} | "
               f"{r['request_steps_per_s']} | {r['speedup']} |" for r in tp]
-    lines += ["", "## Per-step overhead of the stepper (tick minus the bare model call)", "",
+    lines += ["", "## Per-step overhead of the stepper", "",
               "1000-step O-BELM requests; `sample + invert` runs two op launches per tick. "
-              "`graph`: the tick replayed as a CUDA graph against the model alone replayed "
-              "(target: overhead <= 3 us per step).", "",
-              "| model | mode | batch | layout | tick us | model us | overhead us |",
-              "|---|---|---:|---|---:|---:|---:|"]
+              "`tick - model`: a tick's time minus the model call's alone (medians of "
+              "interleaved samples); `stepper alone`: a tick whose model returns a precomputed "
+              "prediction. `graph`: ticks and model replayed as CUDA graphs (target: at most "
+              "3 us per step beyond the model).", "",
+              "| model | mode | batch | layout | tick us | model us | tick - model us | "
+              "stepper alone us |", "|---|---|---:|---|---:|---:|---:|---:|"]
     lines += [f"| {r['model']} | {r['variant']} | {r['batch']} | {r['layout']} | {r['tick_us']} "
-              f"| {r['model_us']} | {r['overhead_us']} |" for r in oh]
+              f"| {r['model_us']} | {r['overhead_us']} | {r['stepper_alone_us']} |" for r in oh]
     lines += ["", f"Reproduce: `{command}`", ""]
     md_path = out_dir / f"batched_{slug}.md"
     md_path.write_text("\n".join(lines))

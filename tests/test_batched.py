@@ -165,7 +165,8 @@ def test_lock_step_loop_matches_plain_sampler(method, direction, backend):
     assert st.run() == reqs
     eps_fn = plain_eps_fn(cond)
     if direction == "sample":
-        assert torch.equal(torch.stack([r.result for r in reqs]), s.sample(eps_fn, x, backend=backend))
+        expected = s.sample(eps_fn, x, backend=backend)
+        assert torch.equal(torch.stack([r.result for r in reqs]), expected)
     else:
         pair = s.invert(eps_fn, x, backend=backend)
         for k in range(2):
@@ -336,7 +337,8 @@ OBELM = bk.get_sampler("obelm", SCHED, 5)
      "alphas_cumprod differ from the model's"),
     (lambda st: st.add(Z, bk.get_sampler("obelm", FlowLikeSchedule(SCHED.alphas_cumprod), 5),
                        cond=Z), ValueError,
-     "grid comes from a FlowLikeSchedule, but the stepper's model takes the model times of a Schedule"),
+     "grid comes from a FlowLikeSchedule, but the stepper's model takes the model times of a "
+     "Schedule"),
     (lambda st: st.add(Z, bk.get_sampler("bdia", SCHED, 5, gamma=0.0), "invert", cond=Z),
      ValueError, "gamma=0 .* cannot be inverted"),
     (lambda st: st.cancel(bk.batched.Request("gone", OBELM, "sample", 5)), ValueError,
@@ -393,6 +395,7 @@ def test_bad_construction(kw, exc, match):
 # ------------------------------------------------------------------ examples
 
 
+@pytest.mark.slow  # 10-30 s: a fresh interpreter imports torch (+ diffusers) and builds the UNet
 @pytest.mark.parametrize("script,expected", [
     ("serve_batched.py", "every request matches the plain sampler"),
     ("graph_loop.py", "the stepper's loop matches the plain sampler to the bit"),
@@ -407,3 +410,12 @@ def test_example_runs(script, expected):
                          text=True, timeout=600, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert expected in out.stdout
+
+
+def test_readme_example_runs(capsys):
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Serving many requests", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md (batched stepper)", "exec"), {})
+    out = capsys.readouterr().out
+    assert out.count(", done)") == 6 and "invert, 20 steps" in out
