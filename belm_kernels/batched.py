@@ -443,7 +443,9 @@ class BatchedStepper:
             try:
                 with _sync_errors():
                     eps = self._gather_and_call(cur, B)
-            except RuntimeError as exc:
+            except RuntimeError as exc:  # "called a synchronizing CUDA operation"
+                if "synchroniz" not in str(exc):
+                    raise
                 raise GraphCaptureError(
                     "the model synchronises with the host (e.g. .item(), .tolist(), .cpu(), "
                     "int(t), printing a CUDA tensor, or a data-dependent shape), which a CUDA "

@@ -221,6 +221,37 @@ def test_results_are_owned_by_the_caller():
     assert a.done and "done" in repr(a) and len(st) == 0
 
 
+@pytest.mark.skipif(not hasattr(bk, "FlowSchedule"),
+                    reason="FlowSchedule comes with the flow-matching branch; runs once merged")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_flow_requests_match_plain_flow_samplers(dtype):
+    """Flow-matching samplers (float sigmas as model times) through the same stepper, with
+    different shifts in one batch: bit for bit the plain flow samplers."""
+    v_fn = MIXTURE.v_fn()
+    st = BatchedStepper(lambda x, s: MIXTURE.velocity(x, s).to(x.dtype), bk.FlowSchedule(),
+                        (DIM,), capacity=3, dtype=dtype)
+    rng, gen = random.Random(0), torch.Generator().manual_seed(0)
+    queue, jobs = [], []
+    for k in range(10):
+        schedule = (bk.FlowSchedule(shift=rng.choice([1.0, 3.0])) if k % 3 else
+                    bk.FlowSchedule(use_dynamic_shifting=True, mu=1.15))
+        sampler = bk.get_sampler(rng.choice(["euler", "bdia", "obelm"]), schedule,
+                                 rng.randint(2, 12))
+        x = torch.randn(DIM, generator=gen, dtype=torch.float64).to(dtype)
+        queue.append((sampler, ["sample", "invert"][k % 2], x))
+    while queue or len(st):
+        while queue and st.free:
+            sampler, direction, x = queue.pop(0)
+            jobs.append((st.add(x, sampler, direction), x))
+        st.tick()
+    assert st._t.dtype == torch.float64
+    for req, x in jobs:
+        if req.direction == "sample":
+            assert_same(req.result, req.sampler.sample(v_fn, x[None])[0])
+        else:
+            assert_same(req.result, tuple(t[0] for t in req.sampler.invert(v_fn, x[None])))
+
+
 # ------------------------------------------------------------------ allocations per tick
 
 
