@@ -272,7 +272,9 @@ def write(rows, info, slug, out_dir, command):
               "`tick - model`: a tick's time minus the model call's alone (medians of "
               "interleaved samples); `stepper alone`: a tick whose model returns a precomputed "
               "prediction. `graph`: ticks and model replayed as CUDA graphs (target: at most "
-              "3 us per step beyond the model).", "",
+              "3 us per step beyond the model). On a machine shared with other jobs (see "
+              "load_average_at_start) `tick - model` is the difference of two noisy timings; "
+              "`stepper alone` measures the overhead directly.", "",
               "| model | mode | batch | layout | tick us | model us | tick - model us | "
               "stepper alone us |", "|---|---|---:|---|---:|---:|---:|---:|"]
     lines += [f"| {r['model']} | {r['variant']} | {r['batch']} | {r['layout']} | {r['tick_us']} "
