@@ -2,6 +2,7 @@
 
 import importlib
 
+from .batched import BatchedStepper, GraphCaptureError
 from .models import GaussianMixture
 from .ops import BackendUnavailableError, available_backends, lincomb3_, lincomb3_inverse_
 from .samplers import FLOW_SAMPLERS, SAMPLERS, Sampler, get_sampler
@@ -11,7 +12,7 @@ __all__ = [
     "BackendUnavailableError", "GaussianMixture", "SAMPLERS", "Sampler", "Schedule",
     "available_backends", "get_sampler", "lincomb3_", "lincomb3_inverse_",
     "BELMScheduler", "BELMInverseScheduler", "sample_obelm", "invert_obelm",
-    "FLOW_SAMPLERS", "FlowSchedule", "calculate_shift",
+    "FLOW_SAMPLERS", "FlowSchedule", "calculate_shift", "BatchedStepper", "GraphCaptureError",
 ]
 __version__ = "0.1.0"
 

@@ -35,6 +35,14 @@ def ddim_inverse(grid: StateGrid) -> torch.Tensor:
     return torch.stack([torch.zeros_like(r), 1 / r, -d / r], dim=1)
 
 
+def ddim_inverse_op_rows(grid: StateGrid) -> torch.Tensor:
+    """(N, 3) rows (r_j, 0, d_j): the same DDIM inversion x_j ~= (x_{j+1} - d_j eps) / r_j as an
+    inverse update (``lincomb3_inverse_``) of a buffer holding a copy of x_{j+1}, so that the first
+    step of an exact inversion is the same op as every later one."""
+    _, r, d = ddim(grid).unbind(1)
+    return torch.stack([r, torch.zeros_like(r), d], dim=1)
+
+
 def bdia(grid: StateGrid, gamma: float) -> torch.Tensor:
     """(N, 3) BDIA rows; row 0 is a DDIM step (there is no x_{-1})."""
     a, s = grid.alpha, grid.sigma

@@ -186,9 +186,9 @@ class TwoStepSampler(Sampler):
         _check_pair(x0, None)
         ts, n = self.model_times, self.num_steps
         # One DDIM-inversion step from the clean state gives the second state of the pair ...
-        ddim_inv = coef_table(coefficients.ddim_inverse(self.grid), x0)
+        ddim_inv = coef_table(coefficients.ddim_inverse_op_rows(self.grid), x0)
         prev, cur = self._run(eps_fn, x0.clone(), x0.clone(), [(ts[n - 1], n - 1)], ddim_inv,
-                              False, backend, False, "inversion")
+                              True, backend, False, "inversion")
         # ... then every later step is the exact algebraic inverse of a sampling step.
         steps = [(ts[j], j) for j in range(n - 1, 0, -1)]
         prev, cur = self._run(eps_fn, prev, cur, steps, coef_table(self.rows(), x0), True,

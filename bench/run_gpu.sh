@@ -42,6 +42,8 @@ if python -c "import diffusers" 2>/dev/null; then
 else
     echo "== bench_scheduler: skipped (diffusers is not installed)" | tee "$out/bench_scheduler.log"
 fi
+step bench_batched python bench/bench_batched.py --device cuda --out-dir "$out" \
+    $(python -c "import diffusers" 2>/dev/null || echo --no-unet)
 step demo python -m belm_kernels.cli demo --device cuda
 
 echo "logs and results in $out"
