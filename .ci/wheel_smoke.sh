@@ -38,32 +38,40 @@ python -m pip install -q --target "$WORK/deps" torch==2.13.0 numpy tqdm
 
 new_venv() {  # new_venv DIR: a fresh virtual environment that sees $WORK/deps
     python -m venv "$1"
-    echo "$WORK/deps" > "$("$1/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/belm_smoke_deps.pth"
+    local site
+    site=$("$1/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    echo "$WORK/deps" > "$site/belm_smoke_deps.pth"
 }
 
 step "default wheel: fresh venv, JIT build at first use"
 new_venv "$WORK/venv-default"
 "$WORK/venv-default/bin/python" -m pip install -q "$DEFAULT_WHL[build]"   # [build]: ninja
 cd "$WORK"   # outside the checkout: belm_kernels must come from the environment
-BELM_KERNELS_BUILD_DIR="$WORK/jit-cache" "$WORK/venv-default/bin/python" "$REPO/.ci/wheel_smoke.py" jit \
-    2> "$WORK/default.err" || { cat "$WORK/default.err"; fail "default wheel"; }
+export BELM_KERNELS_BUILD_DIR="$WORK/jit-cache"
+"$WORK/venv-default/bin/python" "$REPO/.ci/wheel_smoke.py" jit 2> "$WORK/default.err" \
+    || { cat "$WORK/default.err"; fail "default wheel"; }
 cat "$WORK/default.err"
 grep -q "compiling the cpu extension" "$WORK/default.err" || fail "the JIT build was not announced"
-BELM_KERNELS_BUILD_DIR="$WORK/jit-cache" "$WORK/venv-default/bin/belm-kernels" backends | tee "$WORK/default.backends"
-grep -Eq '^cpu +cpu +available \(built just in time' "$WORK/default.backends" || fail "default wheel: cpu not listed"
+"$WORK/venv-default/bin/belm-kernels" backends | tee "$WORK/default.backends"
+grep -Eq '^cpu +cpu +available \(built just in time' "$WORK/default.backends" \
+    || fail "default wheel: cpu not listed"
+unset BELM_KERNELS_BUILD_DIR
 
 step "ahead-of-time wheel: fresh venv, no compiler, no ninja"
 new_venv "$WORK/venv-aot"
 "$WORK/venv-aot/bin/python" -m pip install -q "$AOT_WHL"
-! "$WORK/venv-aot/bin/python" -c "import ninja" 2>/dev/null || fail "ninja is installed in the AOT venv"
+! "$WORK/venv-aot/bin/python" -c "import ninja" 2>/dev/null \
+    || fail "ninja is installed in the AOT venv"
 BARE=(env -i "HOME=$WORK" "PATH=$WORK/venv-aot/bin" "CC=/nonexistent/cc" "CXX=/nonexistent/c++"
       "BELM_KERNELS_BUILD_DIR=$WORK/aot-cache")
+"${BARE[@]}" /bin/sh -c "command -v python" >/dev/null || fail "the bare environment does not run"
 for tool in gcc g++ c++ cc clang clang++ ninja nvcc; do
     ! "${BARE[@]}" /bin/sh -c "command -v $tool" >/dev/null 2>&1 || fail "$tool is reachable"
 done
 "${BARE[@]}" "$WORK/venv-aot/bin/python" "$REPO/.ci/wheel_smoke.py" prebuilt
 "${BARE[@]}" "$WORK/venv-aot/bin/belm-kernels" backends | tee "$WORK/aot.backends"
-grep -Eq '^cpu +cpu +available \(prebuilt library' "$WORK/aot.backends" || fail "AOT wheel: cpu not listed"
+grep -Eq '^cpu +cpu +available \(prebuilt library' "$WORK/aot.backends" \
+    || fail "AOT wheel: cpu not listed"
 [ ! -e "$WORK/aot-cache" ] || fail "the AOT install tried a JIT build"
 
 step "wheel smoke passed"

@@ -16,6 +16,11 @@ a GPU, "cuda" backends automatically). This file covers what is particular to th
 * the fallback: a failed build warns once, "auto" still works through torch, an explicit
   backend="cpu" raises BackendUnavailableError naming the build log (in subprocesses, since the
   load-once state is per process);
+* bad input to the loader, each with one warning naming cause and fix and no hang: a broken or
+  missing compiler, no ninja, a read-only or full build cache, the stale lock of a killed build,
+  another process building (wait for it, or give up after BELM_KERNELS_BUILD_TIMEOUT), an
+  ahead-of-time wheel without the CUDA kernel on a CUDA machine (tests/test_packaging.py covers
+  the prebuilt library itself);
 * on a GPU machine: the CUDA extension loads, matches the CPU extension bit for bit, and a
   captured CUDA graph replays with new coefficient values (skipped without a GPU).
 """
