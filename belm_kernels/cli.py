@@ -108,7 +108,7 @@ def build(args) -> int:
     failed = False
     for name, reason in results.items():
         if reason is None:
-            print(f"{name}: built")
+            print(f"{name}: {extension.origin(name)}")
         elif not applies.get(name, True):
             print(f"{name}: skipped ({reason})")
         else:
@@ -118,11 +118,17 @@ def build(args) -> int:
 
 
 def backends(args) -> int:
+    """One line per device and backend: available (for the compiled ones, from where) or why not."""
+    from . import extension
+
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         for name in ops.BACKENDS:
             reason = ops._reason(name, torch.device(device))
-            print(f"{device:5s} {name:7s} {'available' if reason is None else 'unavailable: ' + reason}")
+            where = extension.origin(name) if name in ("cpu", "cuda") else None
+            status = "unavailable: " + reason if reason is not None else \
+                "available" + (f" ({where})" if where else "")
+            print(f"{device:5s} {name:7s} {status}")
     return 0
 
 

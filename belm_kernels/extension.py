@@ -2,18 +2,31 @@
 csrc/lincomb3_cuda.cu), both implementations of the op ``belm::lincomb3_ext`` whose schema
 belm_kernels.ops defines.
 
-Each extension is built just in time with ``torch.utils.cpp_extension.load`` (ninja) the first time
-a backend is asked whether it can run, then loaded into the process, at most once per process (two
-loads of one library abort the interpreter). A failed build gives one warning naming its log file;
-the backend then reports itself unavailable with that reason, so "auto" falls back to the torch
-backend and an explicit request raises ``BackendUnavailableError`` carrying the reason.
+The first time a backend is asked whether it can run, its library is loaded into the process, at
+most once per process (two loads of one library abort the interpreter), from the first of:
+
+1. a prebuilt library inside the package (``belm_kernels/_belm_kernels_<key>.*.so``, built with
+   ``BELM_KERNELS_AOT=1 pip install --no-build-isolation .``; see setup.py), when it was built
+   for this torch; it needs no compiler and no ninja;
+2. a just-in-time build with ``torch.utils.cpp_extension.load`` (ninja) of the sources the package
+   ships (``belm_kernels/csrc``, or ``<repository>/csrc`` in a source checkout), cached in a build
+   directory. A build that has to compile prints one line on stderr saying so and where its log
+   is; builds are serialised per build directory by an flock that the OS releases when its
+   process dies, so a killed build never blocks the next process.
+
+When neither works the backend reports itself unavailable with the reason and its fix (one
+RuntimeWarning per process where the backend applies), so "auto" falls back to the torch backend
+and an explicit request raises ``BackendUnavailableError`` carrying the reason. ``origin(key)``
+says where a loaded library came from (``belm-kernels backends`` prints it).
 
 Environment variables:
 
     BELM_KERNELS_NO_EXTENSION=1   never build or load an extension (tests the fallback path)
     BELM_KERNELS_BUILD_DIR=DIR    build under DIR/<name>-<hash> instead of torch's extension cache
                                   (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions/...)
-    BELM_KERNELS_CSRC_DIR=DIR     take the sources from DIR instead of <repository>/csrc
+    BELM_KERNELS_CSRC_DIR=DIR     take the sources from DIR instead of the package's
+    BELM_KERNELS_BUILD_TIMEOUT=S  wait at most S seconds (default 1800) for another process that
+                                  is building the same extension
     BELM_KERNELS_CPU_ISA=NAME     (read by the C++ kernel) cap its instruction set: scalar, avx2
                                   or avx512 (default: the best the CPU has)
 
@@ -25,9 +38,12 @@ registers ``TORCH_LIBRARY_IMPL(belm, CUDA)``; the CPU extension uses ATen and re
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import errno
 import hashlib
+import json
 import os
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -38,50 +54,26 @@ from pathlib import Path
 import torch
 
 from . import ops  # defines the schema of belm::lincomb3_ext; must precede any library load
+from ._extension_specs import MIN_TORCH_FOR_CUDA, PREBUILT_INFO, SPECS, ExtensionSpec
 
 ENV_DISABLE = "BELM_KERNELS_NO_EXTENSION"
 ENV_BUILD_DIR = "BELM_KERNELS_BUILD_DIR"
 ENV_CSRC_DIR = "BELM_KERNELS_CSRC_DIR"
+ENV_BUILD_TIMEOUT = "BELM_KERNELS_BUILD_TIMEOUT"
+DEFAULT_BUILD_TIMEOUT = 1800.0
+# Below this much free space a build is not started (the CPU build needs about 1 MB in its build
+# directory; the margin is for the CUDA one and the compiler's own files).
+MIN_FREE_BYTES = 64 * 2**20
 
 OP_NAME = "belm::lincomb3_ext"
-# The CUDA source targets the stable ABI of this torch version (see TORCH_TARGET_VERSION there).
-MIN_TORCH_FOR_CUDA = (2, 10)
+PACKAGE_DIR = Path(__file__).resolve().parent
+AOT_FIX = ("reinstall belm-kernels built against this torch (`BELM_KERNELS_AOT=1 pip install "
+           "--no-build-isolation belm-kernels`, see setup.py)")
 
-
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-    key: str  # "cpu" | "cuda"
-    lib_name: str
-    sources: tuple[str, ...]
-    dispatch_key: str
-    extra_cflags: tuple[str, ...] = ()
-    extra_cuda_cflags: tuple[str, ...] = ()
-    extra_ldflags: tuple[str, ...] = ()
-
-
-_SPECS = {
-    "cpu": _Spec(
-        key="cpu",
-        lib_name="belm_kernels_cpu",
-        sources=("lincomb3_cpu.cpp",),
-        dispatch_key="CPU",
-        # -fopenmp: at::parallel_for is inline and parallel only when compiled with OpenMP; the
-        # library then needs libgomp.so.1, the copy torch has already loaded.
-        # -ffp-contract=off: exactly the multiplies and fmas written, on every path.
-        extra_cflags=("-O3", "-fopenmp", "-ffp-contract=off"),
-        extra_ldflags=("-fopenmp",),
-    ),
-    "cuda": _Spec(
-        key="cuda",
-        lib_name="belm_kernels_cuda",
-        sources=("lincomb3_cuda.cu",),
-        dispatch_key="CUDA",
-        extra_cuda_cflags=("-O3", "-DUSE_CUDA", "-lineinfo"),
-    ),
-}
-
+_SPECS = SPECS
 _lock = threading.RLock()
 _results: dict[str, str | None] = {}  # key -> None (loaded) or the reason it is unavailable
+_origins: dict[str, str] = {}  # key -> where the loaded library came from
 _log_files: dict[str, Path] = {}
 
 
@@ -90,11 +82,14 @@ _log_files: dict[str, Path] = {}
 
 
 def csrc_dir() -> Path:
-    """Directory holding the C++/CUDA sources (``<repository>/csrc`` unless overridden)."""
+    """Directory holding the C++/CUDA sources: ``belm_kernels/csrc`` in an installed package
+    (wheels and ``pip install .`` ship them there), ``<repository>/csrc`` in a source checkout or
+    an editable install, or ``$BELM_KERNELS_CSRC_DIR``."""
     override = os.environ.get(ENV_CSRC_DIR)
     if override:
         return Path(override).expanduser().resolve()
-    return Path(__file__).resolve().parent.parent / "csrc"
+    installed, checkout = PACKAGE_DIR / "csrc", PACKAGE_DIR.parent / "csrc"
+    return checkout if not installed.is_dir() and checkout.is_dir() else installed
 
 
 def _build_root() -> Path:
@@ -126,8 +121,13 @@ def log_file(key: str) -> Path:
     return build_dir(key) / "build.log"
 
 
+def origin(key: str) -> str | None:
+    """Where the loaded library of extension ``key`` came from (None if it is not loaded)."""
+    return _origins.get(key)
+
+
 # --------------------------------------------------------------------------------------------
-# Build and load.
+# Preconditions and diagnoses: each reason names the cause and the fix.
 
 
 def _disabled() -> bool:
@@ -149,33 +149,189 @@ def _torch_version() -> tuple[int, int]:
         return (0, 0)
 
 
-def _precondition(key: str) -> str | None:
-    """Why extension ``key`` cannot be built on this machine now (cheap checks), else None."""
-    spec = _SPECS[key]
+def _not_applicable(key: str) -> str | None:
+    """Why extension ``key`` has nothing to do on this machine (no warning), else None."""
     if key == "cuda":
         if torch.version.cuda is None:
             return "torch is a CPU build (torch.version.cuda is None)"
         if not torch.cuda.is_available():
             return "no CUDA device is available"
-        if _torch_version() < MIN_TORCH_FOR_CUDA:
-            need = ".".join(map(str, MIN_TORCH_FOR_CUDA))
-            return f"the CUDA extension uses torch's stable ABI and needs torch >= {need}, " \
-                   f"found {torch.__version__}"
-        from torch.utils import cpp_extension
+    return None
 
-        if cpp_extension.CUDA_HOME is None:
-            return "the CUDA toolkit (nvcc) was not found; set CUDA_HOME"
+
+def _torch_too_old(key: str) -> str | None:
+    if key == "cuda" and _torch_version() < MIN_TORCH_FOR_CUDA:
+        need = ".".join(map(str, MIN_TORCH_FOR_CUDA))
+        return (f"the CUDA extension uses torch's stable ABI and needs torch >= {need}, found "
+                f"{torch.__version__}: upgrade torch")
+    return None
+
+
+def _prebuilt_info() -> dict | None:
+    """What setup.py recorded about the prebuilt libraries, or None if there are none."""
+    path = PACKAGE_DIR / PREBUILT_INFO
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        return {"built": {}, "skipped": {}, "error": f"{path} is unreadable ({exc})"}
+
+
+def _find_prebuilt(key: str) -> tuple[Path | None, str | None]:
+    """(library, None) when the package holds a prebuilt library of ``key`` that this torch can
+    load; (None, why not) when the package was built ahead of time without a usable one; (None,
+    None) when it was not built ahead of time at all."""
+    info = _prebuilt_info()
+    if info is None:
+        return None, None
+    if "error" in info:
+        return None, f"{info['error']}; {AOT_FIX}"
+    name = info.get("built", {}).get(key)
+    if name is None:
+        why = info.get("skipped", {}).get(key, "not built")
+        return None, (f"this installation was built ahead of time without the {key} kernel "
+                      f"({why}); {AOT_FIX} where it can be built")
+    path = PACKAGE_DIR / name
+    built_for = info.get("torch")
+    if not path.is_file():
+        return None, f"the prebuilt {key} kernel {path} is missing; {AOT_FIX}"
+    if key == "cpu" and built_for != torch.__version__:
+        # The CPU kernel uses torch's C++ API, whose ABI changes from one release to the next.
+        return None, (f"the prebuilt {key} kernel {path} was built for torch {built_for}, and "
+                      f"this is torch {torch.__version__}; {AOT_FIX}")
+    built_cuda = str(info.get("torch_cuda")).split(".")[0]
+    if key == "cuda" and built_cuda != str(torch.version.cuda).split(".")[0]:
+        return None, (f"the prebuilt {key} kernel {path} was built for CUDA "
+                      f"{info.get('torch_cuda')}, and this torch uses CUDA {torch.version.cuda}; "
+                      f"{AOT_FIX}")
+    return path, None
+
+
+def _jit_precondition(key: str) -> str | None:
+    """Why extension ``key`` cannot be built just in time here (cheap checks), else None."""
+    spec = _SPECS[key]
+    from torch.utils import cpp_extension
+
+    if key == "cuda" and cpp_extension.CUDA_HOME is None:
+        return ("the CUDA toolkit (nvcc) was not found: install it and set CUDA_HOME, or put "
+                "nvcc on PATH")
     src = csrc_dir()
     missing = [s for s in spec.sources if not (src / s).is_file()]
     if missing:
         return (f"extension sources not found: {', '.join(str(src / s) for s in missing)} "
-                "(install belm_kernels from its repository, e.g. `pip install -e .`, "
-                f"or point {ENV_CSRC_DIR} at the csrc directory)")
+                "(reinstall belm-kernels: wheels and `pip install .` ship them in "
+                f"belm_kernels/csrc; or point {ENV_CSRC_DIR} at a csrc directory)")
+    if not cpp_extension.is_ninja_available():
+        return ("ninja is not installed, and the extension is built with it at first use: "
+                "`pip install ninja` (the `build` extra), or install a wheel built with "
+                "BELM_KERNELS_AOT=1")
+    return None
+
+
+def _toolchain_problem(spec: ExtensionSpec) -> str | None:
+    """Why the compilers a build of ``spec`` needs are missing or broken, else None."""
     from torch.utils import cpp_extension
 
-    if not cpp_extension.is_ninja_available():
-        return "ninja is not installed (`pip install ninja`), so the extension cannot be built"
+    compilers = [("C++ compiler", os.environ.get("CXX") or "c++", "CXX")]
+    if spec.key == "cuda" and cpp_extension.CUDA_HOME is not None:
+        compilers.append(("CUDA compiler", str(Path(cpp_extension.CUDA_HOME, "bin", "nvcc")),
+                          "CUDA_HOME"))
+    for what, name, var in compilers:
+        path = shutil.which(name)
+        fix = f"install one (e.g. g++), or set {var} to a working one"
+        if path is None:
+            return f"no {what}: {name!r} was not found (PATH={os.environ.get('PATH', '')}); {fix}"
+        try:
+            probe = subprocess.run([path, "--version"], capture_output=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"the {what} {path} does not run ({exc}); {fix}"
+        if probe.returncode != 0:
+            return (f"the {what} {path} does not work (`{name} --version` exited with status "
+                    f"{probe.returncode}); {fix}")
     return None
+
+
+def _space_problem(directory: Path) -> str | None:
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return None
+    if free < MIN_FREE_BYTES:
+        return (f"the file system of the build directory {directory} is full ({free / 2**20:.1f} "
+                f"MiB free, a build needs about {MIN_FREE_BYTES // 2**20} MiB): free some space "
+                f"or point {ENV_BUILD_DIR} at another file system")
+    return None
+
+
+def _unwritable(directory: Path, exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return (f"the file system of the build directory {directory} is full ({exc}): free some "
+                f"space or point {ENV_BUILD_DIR} at another file system")
+    return (f"the build directory {directory} is not writable ({exc}): point {ENV_BUILD_DIR} "
+            "(or TORCH_EXTENSIONS_DIR) at a writable directory")
+
+
+# --------------------------------------------------------------------------------------------
+# Just-in-time build.
+
+
+def _notice(message: str) -> None:
+    """One line on stderr, visible by default (the build's own output goes to its log)."""
+    print(f"belm_kernels: {message}", file=sys.stderr, flush=True)
+
+
+def _build_timeout() -> float:
+    raw = os.environ.get(ENV_BUILD_TIMEOUT, "")
+    try:
+        return float(raw) if raw.strip() else DEFAULT_BUILD_TIMEOUT
+    except ValueError:
+        raise ValueError(f"{ENV_BUILD_TIMEOUT} must be a number of seconds, got {raw!r}") from None
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path, key: str):
+    """Hold ``directory/belm.lock`` (an flock) for one build at a time per build directory;
+    yields True when the lock is exclusive. The OS releases an flock when its process dies, so
+    a killed build never blocks the next one. Raises TimeoutError after BELM_KERNELS_BUILD_TIMEOUT
+    seconds of waiting for another process."""
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's own lock file still serialises the ninja runs
+        yield False
+        return
+
+    def try_lock(fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    fd = os.open(directory / "belm.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if not try_lock(fd):
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            timeout = _build_timeout()
+            _notice(f"waiting for another process (pid {holder}) that is building the {key} "
+                    f"extension in {directory} (at most {timeout:.0f} s, {ENV_BUILD_TIMEOUT})")
+            deadline = time.monotonic() + timeout
+            while not try_lock(fd):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"another process (pid {holder}) has been building the {key} extension "
+                        f"in {directory} for more than {timeout:.0f} s (or is hung): let it "
+                        f"finish or stop it, or set {ENV_BUILD_TIMEOUT} to wait longer")
+                time.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -204,105 +360,163 @@ def _output_to(path: Path):
             os.close(saved[1])
 
 
-@contextlib.contextmanager
-def _interprocess_lock(path: Path):
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: torch's own lock file still serialises the ninja runs
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def _build_and_load(spec: _Spec) -> None:
-    """Build (ninja decides what is stale) and load the library; raises on failure."""
-    directory = build_dir(spec.key)
-    directory.mkdir(parents=True, exist_ok=True)
-    log_path = directory / "build.log"
-    _log_files[spec.key] = log_path
-    sources = [str(csrc_dir() / s) for s in spec.sources]
-    # Several processes may build at once (test runners, notebooks): one at a time per build
-    # directory, each appending its attempt to the log (a new attempt finds ninja's earlier
-    # output above its own "no work to do"). The log restarts when it grows past 2 MB.
-    with _interprocess_lock(directory / "belm.lock"):
-        if log_path.is_file() and log_path.stat().st_size > 2_000_000:
-            log_path.unlink()
-        with open(log_path, "a", encoding="utf-8") as log:
-            log.write(
-                f"===== belm_kernels {spec.key} extension build, pid {os.getpid()}, "
-                f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-                f"torch {torch.__version__} (cuda {torch.version.cuda}), "
-                f"python {sys.version.split()[0]}\nsources: {sources}\n"
-                f"build directory: {directory}\n\n")
-        _build_locked(spec, sources, directory, log_path)
-
-
-def _build_locked(spec: _Spec, sources: list[str], directory: Path, log_path: Path) -> None:
+def _needs_compile(spec: ExtensionSpec, directory: Path) -> bool:
+    """Whether the cached library is missing or older than a source (ninja has the last word;
+    this decides whether to announce a build and check the compilers first)."""
     from torch.utils import cpp_extension
 
-    with _output_to(log_path) as (log, redirected):
+    try:
+        built = (directory / f"{spec.lib_name}{cpp_extension.LIB_EXT}").stat().st_mtime
+        return any(p.stat().st_mtime > built for p in csrc_dir().iterdir() if p.is_file())
+    except OSError:
+        return True
+
+
+def _build_and_load(spec: ExtensionSpec) -> str | None:
+    """Build (ninja decides what is stale) and load the library; None when it is loaded, else
+    why not."""
+    directory = build_dir(spec.key)
+    _log_files[spec.key] = directory / "build.log"
+    try:
+        with _build_lock(directory, spec.key) as exclusive:
+            return _build_locked(spec, directory, exclusive)
+    except TimeoutError as exc:
+        return str(exc)
+    except OSError as exc:  # creating the directory, its lock or its log
+        return _unwritable(directory, exc)
+
+
+def _build_locked(spec: ExtensionSpec, directory: Path, exclusive: bool) -> str | None:
+    from torch.utils import cpp_extension
+
+    log_path = directory / "build.log"
+    sources = [str(csrc_dir() / s) for s in spec.sources]
+    # Several processes may build in turn (test runners, notebooks): each appends its attempt to
+    # the log (a new attempt finds ninja's earlier output above its own "no work to do"). The log
+    # restarts when it grows past 2 MB.
+    if log_path.is_file() and log_path.stat().st_size > 2_000_000:
+        log_path.unlink()
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"===== belm_kernels {spec.key} extension build, pid {os.getpid()}, "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                  f"torch {torch.__version__} (cuda {torch.version.cuda}), "
+                  f"python {sys.version.split()[0]}\nsources: {sources}\n"
+                  f"build directory: {directory}\n\n")
+        # torch's build lock is a plain file that a killed build leaves behind, and torch waits
+        # for it to vanish forever. While we hold our flock nobody else is building here, so one
+        # that exists is stale.
+        stale = directory / "lock"
+        if exclusive and stale.exists():
+            stale.unlink()
+            log.write(f"removed {stale}, left behind by an interrupted build\n\n")
+
+    if _needs_compile(spec, directory):
+        problem = _toolchain_problem(spec) or _space_problem(directory)
+        if problem is not None:
+            with contextlib.suppress(OSError), open(log_path, "a", encoding="utf-8") as log:
+                log.write(f"not built: {problem}\n\n")
+            return f"the {spec.key} extension cannot be built: {problem}"
+        took = "usually under a minute" if spec.key == "cpu" else "a few minutes"
+        _notice(f"compiling the {spec.key} extension (first use only, {took}; cached in "
+                f"{directory}); log: {log_path}")
+
+    try:
+        with _output_to(log_path) as (log, redirected):
+            try:
+                cpp_extension.load(
+                    name=spec.lib_name,
+                    sources=sources,
+                    extra_cflags=list(spec.extra_cflags),
+                    extra_cuda_cflags=list(spec.extra_cuda_cflags),
+                    extra_ldflags=list(spec.extra_ldflags),
+                    build_directory=str(directory),
+                    verbose=redirected,  # the compiler's output lands in the log either way
+                    is_python_module=False,
+                    is_standalone=False,
+                )
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    log.write("\n" + traceback.format_exc() + "\n")
+                    log.flush()
+                raise
+            with contextlib.suppress(OSError):
+                log.write("\nloaded\n\n")
+    except Exception as exc:  # a compiler error, a missing toolchain, a load error...
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        cause = (_toolchain_problem(spec) or _space_problem(directory)
+                 or "the compiler's error is in the log")
+        return (f"building the {spec.key} extension failed ({type(exc).__name__}"
+                f"{': ' + first if first else ''}): {cause}; build log: {log_path}")
+    _origins[spec.key] = f"built just in time in {directory}, log {log_path}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Load.
+
+
+def _load_library(key: str) -> str | None:
+    """Load extension ``key`` from the prebuilt library or a JIT build; None when its kernel is
+    registered, else the reason (cause and fix) it is not."""
+    spec = _SPECS[key]
+    if _has_kernel(spec.dispatch_key):
+        _origins[key] = "registered before belm_kernels loaded it (e.g. torch.ops.load_library)"
+        return None
+    reason = _torch_too_old(key)
+    if reason is not None:
+        return reason
+    prebuilt, not_prebuilt = _find_prebuilt(key)
+    if prebuilt is not None:
         try:
-            cpp_extension.load(
-                name=spec.lib_name,
-                sources=sources,
-                extra_cflags=list(spec.extra_cflags),
-                extra_cuda_cflags=list(spec.extra_cuda_cflags),
-                extra_ldflags=list(spec.extra_ldflags),
-                build_directory=str(directory),
-                verbose=redirected,  # the compiler's output lands in the log either way
-                is_python_module=False,
-                is_standalone=False,
-            )
-        except BaseException:
-            log.write("\n" + traceback.format_exc() + "\n")
-            log.flush()
-            raise
-        log.write("\nloaded\n\n")
+            torch.ops.load_library(str(prebuilt))
+        except Exception as exc:  # e.g. an undefined symbol: nothing was registered
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            not_prebuilt = (f"loading the prebuilt {key} kernel {prebuilt} failed "
+                            f"({type(exc).__name__}: {first}); {AOT_FIX}")
+        else:
+            if not _has_kernel(spec.dispatch_key):  # never load a second library after this one
+                return (f"the prebuilt {key} kernel {prebuilt} loaded but registered no "
+                        f"{spec.dispatch_key} kernel for {OP_NAME}; {AOT_FIX}")
+            _origins[key] = (f"prebuilt library {prebuilt}, shipped in the package for torch "
+                             f"{(_prebuilt_info() or {}).get('torch')}")
+            return None
+    reason = _jit_precondition(key)
+    if reason is None:
+        reason = _build_and_load(spec)
+        if reason is None and not _has_kernel(spec.dispatch_key):
+            reason = (f"the {key} extension loaded but registered no {spec.dispatch_key} kernel "
+                      f"for {OP_NAME}; build log: {log_file(key)}")
+    if reason is not None and not_prebuilt is not None:
+        reason = f"{not_prebuilt}. A just-in-time build did not work either: {reason}"
+    return reason
 
 
 def _load(key: str) -> str | None:
-    """Build and load extension ``key`` once per process; None when its kernel is registered,
-    else the reason it is not."""
+    """Load extension ``key`` once per process; None when its kernel is registered, else the
+    reason it is not (with one RuntimeWarning where the backend applies to this machine)."""
     if _disabled():
         return f"compiled extensions are disabled by {ENV_DISABLE}={os.environ.get(ENV_DISABLE)}"
     with _lock:
         if key in _results:
             return _results[key]
-        spec = _SPECS[key]
-        if _has_kernel(spec.dispatch_key):  # loaded by other means (e.g. torch.ops.load_library)
-            _results[key] = None
-            return None
-        reason = _precondition(key)
+        reason = _not_applicable(key)
         if reason is None:
-            try:
-                _build_and_load(spec)
-            except Exception as exc:  # a compiler error, a missing toolchain, a load error...
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                log = _log_files.get(key, log_file(key))
-                reason = (f"building the {key} extension failed ({type(exc).__name__}"
-                          f"{': ' + first[:200] if first else ''}); build log: {log}")
-                warnings.warn(f"belm_kernels: {reason}. The {key!r} backend is unavailable; "
-                              "backend='auto' falls back to another backend.",
-                              RuntimeWarning, stacklevel=3)
-            else:
-                if not _has_kernel(spec.dispatch_key):
-                    reason = (f"the {key} extension loaded but registered no {spec.dispatch_key} "
-                              f"kernel for {OP_NAME}; build log: {log_file(key)}")
+            reason = _load_library(key)
+            if reason is not None:
+                warnings.warn(f"belm_kernels: the {key!r} backend is unavailable: {reason}. "
+                              "backend='auto' falls back to another backend "
+                              f"({ENV_DISABLE}=1 silences this).", RuntimeWarning, stacklevel=3)
         _results[key] = reason
         return reason
 
 
 def build(verbose: bool = True) -> dict[str, str | None]:
-    """Build and load every extension that can be built on this machine now.
+    """Load (building if needed) every extension that can be loaded on this machine now.
 
-    Returns ``{"cpu": None | reason, "cuda": None | reason}``: None where the extension is built
-    and its kernel registered, else why not (a CPU-only machine gives a reason for "cuda").
-    With ``verbose``, prints one line per extension (and the log's tail on a failure).
+    Returns ``{"cpu": None | reason, "cuda": None | reason}``: None where the extension's kernel
+    is registered (``origin(key)`` says from where), else why not (a CPU-only machine gives a
+    reason for "cuda"). With ``verbose``, prints one line per extension (and the log's tail on a
+    failed build).
     """
     results: dict[str, str | None] = {}
     for key in _SPECS:
@@ -316,8 +530,8 @@ def build(verbose: bool = True) -> dict[str, str | None]:
         if verbose:
             took = time.perf_counter() - started
             if reason is None:
-                print(f"belm_kernels: {key} extension ready ({took:.1f} s; build directory "
-                      f"{build_dir(key)})", flush=True)
+                print(f"belm_kernels: {key} extension ready ({took:.1f} s): {origin(key)}",
+                      flush=True)
             else:
                 print(f"belm_kernels: {key} extension unavailable: {reason}", flush=True)
                 log = _log_files.get(key)

@@ -16,6 +16,11 @@ a GPU, "cuda" backends automatically). This file covers what is particular to th
 * the fallback: a failed build warns once, "auto" still works through torch, an explicit
   backend="cpu" raises BackendUnavailableError naming the build log (in subprocesses, since the
   load-once state is per process);
+* bad input to the loader, each with one warning naming cause and fix and no hang: a broken or
+  missing compiler, no ninja, a read-only or full build cache, the stale lock of a killed build,
+  another process building (wait for it, or give up after BELM_KERNELS_BUILD_TIMEOUT), an
+  ahead-of-time wheel without the CUDA kernel on a CUDA machine (tests/test_packaging.py covers
+  the prebuilt library itself);
 * on a GPU machine: the CUDA extension loads, matches the CPU extension bit for bit, and a
   captured CUDA graph replays with new coefficient values (skipped without a GPU).
 """
@@ -25,9 +30,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -65,12 +73,20 @@ def cpu_ext():
 def run_python(code: str, env: dict[str, str] | None = None, timeout: int = 600):
     """Run ``code`` in a fresh interpreter (the extension state is per process); returns the
     JSON object it prints on its last line."""
+    return run_python_with_stderr(code, env, timeout)[0]
+
+
+def run_python_with_stderr(code: str, env: dict[str, str] | None = None, timeout: int = 600,
+                           prefix: tuple[str, ...] = ()) -> tuple[dict, str]:
+    """run_python, also returning the subprocess's stderr; ``prefix`` goes before the
+    interpreter on the command line (e.g. ``unshare ...``)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("BELM_KERNELS_")}
     full_env.update(env or {})
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, env=full_env, timeout=timeout, cwd=str(REPO))
+    proc = subprocess.run([*prefix, sys.executable, "-c", textwrap.dedent(code)],
+                          capture_output=True, text=True, env=full_env, timeout=timeout,
+                          cwd=str(REPO))
     assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
 
 def make_inputs(shape, dtype, zdtype, per_sample, seed=0, inverse=False):
@@ -551,7 +567,10 @@ def test_cuda_plan_rejects_too_many_strided_dims(cpu_ext, cuda_host_harness, tmp
 
 
 # --------------------------------------------------------------------------------------------
-# Fallback paths (subprocesses: the load-once state is per process).
+# Fallback paths and bad input to the loader (subprocesses: the load-once state is per process).
+# Each must give one warning naming the cause and the fix, keep "auto" working through torch,
+# make an explicit backend="cpu" raise with the reason, and never hang (every subprocess runs
+# under a timeout).
 
 
 FALLBACK_SCRIPT = """
@@ -571,12 +590,26 @@ FALLBACK_SCRIPT = """
         except bk.BackendUnavailableError as exc:
             error = str(exc)
         build = extension.build(verbose=False)
-    ours = [str(w.message) for w in caught if "build log" in str(w.message)]
+    ours = [str(w.message) for w in caught if "belm_kernels" in str(w.message)]
     print(json.dumps({"listed": listed, "listed_again": listed_again,
                       "auto_ok": bool(torch.allclose(out, ref, atol=1e-5)), "error": error,
                       "warnings": ours, "log": str(extension.log_file("cpu")),
-                      "build": build}))
+                      "origin": extension.origin("cpu"), "build": build}))
 """
+COMPILING = "compiling the cpu extension"
+
+
+def assert_falls_back(result, *cause):
+    """The cpu backend is unavailable, "auto" works, and the one warning, the error of an
+    explicit request and build() all carry the same reason, which contains every ``cause``."""
+    assert "cpu" not in result["listed"] and "torch" in result["listed"]
+    assert result["listed_again"] == result["listed"]
+    assert result["auto_ok"]
+    assert len(result["warnings"]) == 1, result["warnings"]
+    reason = result["build"]["cpu"]
+    assert reason is not None and reason in result["warnings"][0] and reason in result["error"]
+    for text in cause:
+        assert text in reason, (text, reason)
 
 
 def test_build_failure_warns_once_and_falls_back(tmp_path):
@@ -584,18 +617,14 @@ def test_build_failure_warns_once_and_falls_back(tmp_path):
     shutil.copytree(CSRC, broken)
     src = broken / "lincomb3_cpu.cpp"
     src.write_text(src.read_text() + "\n#error deliberately broken for the fallback test\n")
-    result = run_python(FALLBACK_SCRIPT, env={"BELM_KERNELS_CSRC_DIR": str(broken),
-                                              "BELM_KERNELS_BUILD_DIR": str(tmp_path / "b")})
-    assert "cpu" not in result["listed"] and "torch" in result["listed"]
-    assert result["listed_again"] == result["listed"]
-    assert result["auto_ok"]
-    assert len(result["warnings"]) == 1, result["warnings"]
-    assert result["log"] in result["warnings"][0]
-    assert result["error"] is not None and "build log" in result["error"]
-    assert result["log"] in result["error"]
-    assert result["build"]["cpu"] is not None and result["log"] in result["build"]["cpu"]
-    log = Path(result["log"]).read_text()
-    assert "deliberately broken" in log
+    result, stderr = run_python_with_stderr(
+        FALLBACK_SCRIPT, env={"BELM_KERNELS_CSRC_DIR": str(broken),
+                              "BELM_KERNELS_BUILD_DIR": str(tmp_path / "b")})
+    assert_falls_back(result, "building the cpu extension failed", "build log", result["log"])
+    assert "deliberately broken" in Path(result["log"]).read_text()
+    # The JIT build announced itself once, with its log, before the compiler's silent minute.
+    notices = [line for line in stderr.splitlines() if COMPILING in line]
+    assert len(notices) == 1 and result["log"] in notices[0], stderr
 
 
 def test_disabled_by_environment():
@@ -607,10 +636,194 @@ def test_disabled_by_environment():
 
 
 def test_missing_sources_say_so(tmp_path):
-    result = run_python(FALLBACK_SCRIPT, env={"BELM_KERNELS_CSRC_DIR": str(tmp_path / "none")})
-    assert "cpu" not in result["listed"]
-    assert result["auto_ok"]
-    assert "sources not found" in result["error"]
+    result = run_python(FALLBACK_SCRIPT, env={"BELM_KERNELS_CSRC_DIR": str(tmp_path / "none"),
+                                              "BELM_KERNELS_BUILD_DIR": str(tmp_path / "b")})
+    assert_falls_back(result, "sources not found", "BELM_KERNELS_CSRC_DIR")
+
+
+@pytest.mark.parametrize("case", ["CXX=/bin/false", "no compiler on PATH", "no ninja"])
+def test_broken_toolchain_says_which_and_how_to_fix(tmp_path, case):
+    bin_dir = str(Path(sys.executable).parent)  # python and the ninja package, no compiler
+    assert shutil.which("c++", path=bin_dir) is None
+    env = {"BELM_KERNELS_BUILD_DIR": str(tmp_path / "b"),
+           **{"CXX=/bin/false": {"CXX": "/bin/false"},
+              "no compiler on PATH": {"PATH": bin_dir},
+              "no ninja": {"PATH": str(tmp_path / "empty")}}[case]}
+    result, stderr = run_python_with_stderr(FALLBACK_SCRIPT, env=env, timeout=120)
+    expected = {"CXX=/bin/false": ("/bin/false does not work", "set CXX"),
+                "no compiler on PATH": ("'c++' was not found", "set CXX"),
+                "no ninja": ("ninja is not installed", "pip install ninja")}[case]
+    assert_falls_back(result, *expected)
+    assert COMPILING not in stderr  # a build that cannot start is not announced
+
+
+def _private_tmpfs(options: str) -> tuple[str, ...]:
+    """Command prefix that mounts a tmpfs with ``options`` on $BELM_KERNELS_BUILD_DIR in a
+    private mount namespace (gone with the process), or skips where that is not allowed."""
+    prefix = ("unshare", "--mount", "--propagation", "private", "sh", "-c",
+              'mount -t tmpfs -o "$0" tmpfs "$BELM_KERNELS_BUILD_DIR" && exec "$@"', options)
+    probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=30,
+                           env={**os.environ, "BELM_KERNELS_BUILD_DIR": "/mnt"}) \
+        if shutil.which("unshare") else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("simulating this file system needs `unshare --mount` and tmpfs mounts "
+                    "(root or CAP_SYS_ADMIN)")
+    return prefix
+
+
+def test_read_only_build_cache_says_so(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    prefix: tuple[str, ...] = ()
+    if os.geteuid() == 0:  # root writes through permission bits: mount a read-only file system
+        prefix = _private_tmpfs("ro")
+    else:
+        cache.chmod(0o555)
+    result, _ = run_python_with_stderr(FALLBACK_SCRIPT, env={"BELM_KERNELS_BUILD_DIR": str(cache)},
+                                       timeout=120, prefix=prefix)
+    assert_falls_back(result, "is not writable", "BELM_KERNELS_BUILD_DIR")
+
+
+def test_full_build_cache_says_so(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    result, stderr = run_python_with_stderr(
+        FALLBACK_SCRIPT, env={"BELM_KERNELS_BUILD_DIR": str(cache)}, timeout=120,
+        prefix=_private_tmpfs("size=16k"))
+    assert_falls_back(result, "is full", "free some space", "BELM_KERNELS_BUILD_DIR")
+    assert COMPILING not in stderr
+
+
+@pytest.fixture
+def built_cache(cpu_ext, tmp_path):
+    """A copy of this session's CPU build directory, as BELM_KERNELS_BUILD_DIR would hold it:
+    (the root to point BELM_KERNELS_BUILD_DIR at, the extension's directory in it)."""
+    root = tmp_path / "cache"
+    directory = root / extension.build_dir("cpu").name
+    shutil.copytree(extension.build_dir("cpu"), directory)
+    return root, directory
+
+
+def test_stale_torch_lock_of_a_killed_build_does_not_hang(built_cache):
+    # A build killed mid-way leaves torch's lock file behind, and torch waits for it to vanish
+    # forever. The next process must remove it (it holds our flock, so nobody else is building).
+    root, directory = built_cache
+    (directory / "lock").touch()
+    result, stderr = run_python_with_stderr(
+        FALLBACK_SCRIPT, env={"BELM_KERNELS_BUILD_DIR": str(root)}, timeout=120)
+    assert result["listed"][0] == "cpu" and result["warnings"] == []
+    assert result["origin"].startswith(f"built just in time in {directory}")
+    assert not (directory / "lock").exists()
+    assert "left behind by an interrupted build" in (directory / "build.log").read_text()
+    assert COMPILING not in stderr  # the cached library was up to date
+
+
+def _hold_build_lock(directory: Path):
+    """Take the build lock of ``directory`` as another building process would (pid 4242)."""
+    import fcntl
+
+    handle = open(directory / "belm.lock", "w")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    handle.write("4242\n")
+    handle.flush()
+    return handle
+
+
+def test_waits_for_another_process_building_then_loads(built_cache):
+    root, directory = built_cache
+    handle = _hold_build_lock(directory)
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(FALLBACK_SCRIPT)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=str(REPO), env={**os.environ, "BELM_KERNELS_BUILD_DIR": str(root)})
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not any("waiting for another process (pid 4242)" in line for line in lines):
+            assert time.monotonic() < deadline and proc.poll() is None, f"no wait: {lines}"
+            time.sleep(0.1)
+    finally:
+        handle.close()  # the other process is done: ours goes on
+    out = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0, lines
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["listed"][0] == "cpu" and result["warnings"] == []
+
+
+def test_gives_up_waiting_for_a_hung_build_with_a_clear_reason(built_cache):
+    root, directory = built_cache
+    with _hold_build_lock(directory):
+        started = time.monotonic()
+        result = run_python(FALLBACK_SCRIPT, timeout=120, env={
+            "BELM_KERNELS_BUILD_DIR": str(root), "BELM_KERNELS_BUILD_TIMEOUT": "1"})
+        took = time.monotonic() - started
+    assert_falls_back(result, "another process (pid 4242)", "BELM_KERNELS_BUILD_TIMEOUT")
+    assert took < 60
+
+
+@pytest.mark.slow  # about one CPU build (30-60 s on two shared cores): the real scenario
+def test_killed_build_then_two_processes_at_once(tmp_path):
+    """The issue's scenario end to end: a build is SIGKILLed while torch's lock file exists;
+    then two processes start at once. Neither hangs: one compiles (once), the other waits for
+    it, and both load the library."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("BELM_KERNELS_")},
+           "BELM_KERNELS_BUILD_DIR": str(tmp_path / "cache")}
+    directory = tmp_path / "cache" / extension.build_dir("cpu").name
+
+    def start():
+        return subprocess.Popen([sys.executable, "-c", textwrap.dedent(FALLBACK_SCRIPT)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=str(REPO), env=env, start_new_session=True)
+
+    def wait_for(condition, what, timeout=120):
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.1)
+
+    killed = start()
+    wait_for(lambda: (directory / "lock").exists(), "torch's lock file")
+    os.killpg(killed.pid, signal.SIGKILL)  # the whole group: python, ninja and the compiler
+    killed.communicate()
+    assert (directory / "lock").exists()  # left behind: this used to hang every later process
+
+    first = start()
+    lock = directory / "belm.lock"
+    wait_for(lambda: lock.is_file() and lock.read_text().strip() == str(first.pid),
+             "the first build to start")
+    second = start()  # while the first one builds
+    outputs = [p.communicate(timeout=600) for p in (first, second)]
+    for proc, (out, err) in zip((first, second), outputs):
+        assert proc.returncode == 0, err
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["listed"][0] == "cpu" and result["warnings"] == [], (result, err)
+    assert COMPILING in outputs[0][1] and COMPILING not in outputs[1][1]
+    assert f"waiting for another process (pid {first.pid})" in outputs[1][1]
+
+
+def test_cuda_wheel_without_cuda_kernel_on_a_cuda_machine_says_why(monkeypatch):
+    """An ahead-of-time wheel built where torch had no CUDA, installed on a CUDA machine without
+    a CUDA toolkit: the cuda backend is unavailable with one warning naming both causes and
+    both fixes. Simulated in process: the CUDA checks and the package's build record are
+    patched; nothing is loaded."""
+    from torch.utils import cpp_extension
+
+    info = {"torch": torch.__version__, "torch_cuda": None, "built": {"cpu": "x.so"},
+            "skipped": {"cuda": "torch 2.13.0+cpu is a CPU build"}}
+    monkeypatch.delenv("BELM_KERNELS_NO_EXTENSION", raising=False)
+    monkeypatch.setattr(extension, "_results", {})
+    monkeypatch.setattr(extension, "_prebuilt_info", lambda: info)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    with pytest.warns(RuntimeWarning) as caught:
+        reason = extension._load("cuda")
+    assert len(caught) == 1 and reason in str(caught[0].message)
+    for text in ("built ahead of time without the cuda kernel", "CPU build",
+                 "BELM_KERNELS_AOT=1", "CUDA toolkit (nvcc) was not found", "CUDA_HOME"):
+        assert text in reason, (text, reason)
+    assert extension._load("cuda") == reason  # once per process
 
 
 # --------------------------------------------------------------------------------------------
