@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from . import ops
+from . import bulk, ops
 from .accuracy import DTYPES, format_table, plot_convergence, run_study
 from .samplers import SAMPLERS
 
@@ -123,6 +123,8 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("backends", help="list the op backends and why any is unavailable")
     p.set_defaults(func=backends)
+
+    bulk.add_commands(sub)  # invert-dataset, regenerate-dataset, generate-dataset
 
     args = parser.parse_args(argv)
     return args.func(args)
