@@ -28,8 +28,8 @@ too) is set in every process, so one process and N ranks write the same bytes.
 
 Failures. A bad item (unreadable or corrupt image, an image of another size, a missing prompt,
 an error in the model) is reported with its id and the reason, and the others go on; a shard that
-cannot be written (disk full) is reported with its items, its old file and temporary file left as
-they were / removed. Rank 0 prints the summary of all ranks (items done, skipped, failed) and
+cannot be written (disk full) is reported with its items, its old file stays as it was and the
+temporary file is removed. Rank 0 prints the summary of all ranks (items done, skipped, failed) and
 writes it to ``summary.json``; the exit code is 1 when anything failed. Problems with the job as a
 whole (an unsupported pipeline, an output folder made by another model or grid, a malformed
 manifest) stop it before anything is written, with exit code 2.
@@ -233,10 +233,6 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _is_temp(path: Path) -> bool:
-    return path.name.startswith(".") and ".tmp-" in path.name
 
 
 def shard_path(out: Path, shard: int, num_shards: int) -> Path:
