@@ -417,6 +417,8 @@ class InvertJob(Job):
                  dtype: str, size: tuple[int, int] | None, resize: bool, method: str = "obelm"):
         if method != "obelm":
             raise BulkError(f"unknown inversion method {method!r}: only 'obelm' is available")
+        if steps < 2:  # the pair is the two noisiest states of the grid
+            raise BulkError(f"--steps must be at least 2 for an inversion, got {steps}")
         self.pipe, self.items, self.steps, self.guidance = pipe, items, steps, guidance
         self.height, self.width = size or default_size(pipe)
         self.resize = resize

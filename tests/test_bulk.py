@@ -379,6 +379,13 @@ def test_malformed_manifest_fails_before_any_work(tmp_path, text, match, capsys)
     assert match.split(":")[0] in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
+def test_one_step_inversion_is_refused(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["invert-dataset", "--data", str(data), "--out", str(out), "--steps", "1",
+                 "--no-progress"]) == 2
+    assert "--steps must be at least 2" in capsys.readouterr().err and not out.exists()
+
+
 @pytest.mark.parametrize("args", [["--size", "0"], ["--size", "3x4x5"], ["--shards", "0"],
                                   ["--threads", "-1"]])
 def test_bad_options(args, capsys):
