@@ -16,8 +16,9 @@ __version__ = "0.1.0"
 
 # Integrations import heavy optional packages (diffusers), so they load on first access. The
 # scheduler classes are exported here so diffusers finds them when a saved pipeline names
-# "belm_kernels" as its scheduler's library.
+# "belm_kernels" as its scheduler's library (its loader also looks up SchedulerMixin there).
 _LAZY = {"BELMScheduler": "diffusers", "BELMInverseScheduler": "diffusers",
+         "SchedulerMixin": "diffusers",
          "sample_obelm": "k_diffusion", "invert_obelm": "k_diffusion"}
 
 

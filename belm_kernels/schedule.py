@@ -25,6 +25,21 @@ def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Te
     return torch.tensor(betas, dtype=torch.float32)
 
 
+def make_betas(beta_start: float = 0.0001, beta_end: float = 0.02, beta_schedule: str = "linear",
+               num_train_timesteps: int = 1000) -> torch.Tensor:
+    """float32 betas exactly as diffusers' DDIMScheduler builds them."""
+    n = num_train_timesteps
+    if not isinstance(n, int) or n < 2:
+        raise ValueError(f"num_train_timesteps must be an int >= 2, got {n!r}")
+    if beta_schedule == "linear":
+        return torch.linspace(beta_start, beta_end, n, dtype=torch.float32)
+    if beta_schedule == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
+    if beta_schedule == "squaredcos_cap_v2":
+        return _cosine_betas(n)
+    raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
+
+
 @dataclass(frozen=True)
 class StateGrid:
     """The N+1 states of an N-step sampler, noisiest first; the last one is clean (alpha=1).
@@ -55,8 +70,9 @@ class Schedule:
             raise ValueError("alphas_cumprod must be a 1-D float tensor with at least 2 entries, "
                              f"got dtype {ac.dtype} and shape {tuple(ac.shape)}")
         ac = ac.detach().to("cpu", torch.float64)
-        if not bool(((ac > 0) & (ac <= 1)).all()):
-            raise ValueError("alphas_cumprod must lie in (0, 1]")
+        # A last entry of 0 (zero terminal SNR) is allowed; grid() refuses to visit it.
+        if not (bool(((ac >= 0) & (ac <= 1)).all()) and bool((ac[:-1] > 0).all())):
+            raise ValueError("alphas_cumprod must lie in (0, 1] (only the last entry may be 0)")
         if not bool((ac[1:] < ac[:-1]).all()):
             raise ValueError("alphas_cumprod must be strictly decreasing")
         self.alphas_cumprod = ac
@@ -65,17 +81,7 @@ class Schedule:
     def from_betas(cls, beta_start: float = 0.0001, beta_end: float = 0.02,
                    beta_schedule: str = "linear", num_train_timesteps: int = 1000) -> "Schedule":
         """Betas as diffusers builds them (in float32, so alphas_cumprod match bit for bit)."""
-        n = num_train_timesteps
-        if not isinstance(n, int) or n < 2:
-            raise ValueError(f"num_train_timesteps must be an int >= 2, got {n!r}")
-        if beta_schedule == "linear":
-            betas = torch.linspace(beta_start, beta_end, n, dtype=torch.float32)
-        elif beta_schedule == "scaled_linear":
-            betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
-        elif beta_schedule == "squaredcos_cap_v2":
-            betas = _cosine_betas(n)
-        else:
-            raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
+        betas = make_betas(beta_start, beta_end, beta_schedule, num_train_timesteps)
         return cls(torch.cumprod(1.0 - betas, dim=0))
 
     @property
@@ -113,6 +119,11 @@ class Schedule:
     def grid(self, timesteps: torch.Tensor) -> StateGrid:
         """States at the given descending timesteps plus a final clean state (alpha=1, sigma=0)."""
         ac = self.alphas_cumprod[timesteps]
+        if bool((ac == 0).any()):
+            raise ValueError(
+                f"the grid visits timestep {int(timesteps[ac == 0][0])}, where alphas_cumprod is 0 "
+                "(zero terminal SNR): sigma/alpha is infinite there, so the grid is undefined; use "
+                "timesteps that do not visit it (e.g. 'leading' spacing)")
         alpha = torch.cat([ac.sqrt(), ac.new_ones(1)])
         sigma = torch.cat([(1 - ac).sqrt(), ac.new_zeros(1)])
         return StateGrid(timesteps=timesteps, alpha=alpha, sigma=sigma)

@@ -13,7 +13,7 @@ schedulers interleaved, so a noisy neighbour slows them all alike) and the ratio
 each run is bracketed by ``torch.cuda.synchronize()``, so a step's time includes its kernels.
 
 Allocation. diffusers' schedulers allocate a few latent-sized temporaries per step; BELMScheduler
-allocates none after the first two steps of a run. On CPU the cost of that depends on the
+allocates one (its output, a copy of the previous state updated by the fused op). On CPU the cost of that depends on the
 allocator more than on the scheduler: on the sandboxed VM the committed numbers come from,
 glibc hands freed multi-MB blocks back to the kernel, and touching fresh pages then costs up to
 ~50 ms per 2 MB tensor, which swamps everything else (a DDIM step at 8x4x128x128 varies between

@@ -35,3 +35,37 @@ def nvcc() -> str:
             pytest.fail(f"{why}, and {REQUIRE_NVCC} says the CUDA sources must compile here")
         pytest.skip(why)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers: tiny random pipelines (belm_kernels.diffusers.tiny_pipelines) with a BELMScheduler
+# built from their scheduler's config, progress bars off. Builder keyword arguments can be given
+# by indirect parametrization, e.g.
+#     @pytest.mark.parametrize("sd_pipe", [dict(sample_size=16)], indirect=True)
+
+
+def _tiny_belm_pipeline(request, builder_name: str, **defaults):
+    pytest.importorskip("diffusers")
+    import warnings
+
+    from belm_kernels.diffusers import BELMScheduler, tiny_pipelines
+
+    pipe = getattr(tiny_pipelines, builder_name)(**{**defaults, **getattr(request, "param", {})})
+    with warnings.catch_warnings():  # SD 1.x's set_alpha_to_one=False: tested on its own
+        warnings.filterwarnings("ignore", "BELMScheduler: set_alpha_to_one=False is ignored")
+        pipe.scheduler = BELMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def sd_pipe(request):
+    """A tiny random StableDiffusionPipeline, latents (B, 4, 8, 8), with a BELMScheduler."""
+    return _tiny_belm_pipeline(request, "tiny_stable_diffusion_pipeline", sample_size=8)
+
+
+@pytest.fixture
+def sdxl_pipe(request):
+    """A tiny random StableDiffusionXLPipeline, latents (B, 4, 8, 8), with a BELMScheduler."""
+    return _tiny_belm_pipeline(request, "tiny_stable_diffusion_xl_pipeline", sample_size=8)
+

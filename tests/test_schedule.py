@@ -41,13 +41,21 @@ def test_grid_ends_in_clean_state():
 @pytest.mark.parametrize("ac,match", [
     ([0.9, 0.95], "strictly decreasing"),
     ([1.5, 0.5], r"\(0, 1\]"),
-    ([0.9, 0.0], r"\(0, 1\]"),
+    ([0.9, 0.0, -0.1], r"\(0, 1\]"),
     ([[0.9, 0.5]], "1-D"),
     ([1, 0], "float"),
 ])
 def test_bad_alphas_cumprod(ac, match):
     with pytest.raises(ValueError, match=match):
         Schedule(torch.tensor(ac))
+
+
+def test_zero_terminal_snr_only_where_the_grid_does_not_go():
+    ac = torch.tensor([0.9, 0.5, 0.1, 0.0], dtype=torch.float64)  # alpha = 0 at the last timestep
+    sched = Schedule(ac)
+    assert sched.grid(torch.tensor([2, 0])).alpha[0] == 0.1**0.5
+    with pytest.raises(ValueError, match="visits timestep 3, where alphas_cumprod is 0"):
+        sched.grid(torch.tensor([3, 1]))
 
 
 @pytest.mark.parametrize("kwargs,match", [

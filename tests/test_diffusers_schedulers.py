@@ -1,31 +1,36 @@
-"""diffusers integration: BELMScheduler / BELMInverseScheduler / invert, offline.
+"""diffusers schedulers: BELMScheduler / BELMInverseScheduler, offline, with the analytic model.
 
-Scheduler tests in the spirit of diffusers' common scheduler tests (config round trip,
-compatibles, step shapes, tuple vs dataclass), exactness against the core sampler with the
-analytic Gaussian-mixture model, bad inputs, and pipeline tests with a tiny random
-StableDiffusionPipeline (no downloads). The round-trip numbers are printed with
-``python -m pytest tests/test_diffusers.py -k pipeline_roundtrip -s -q``.
+Tests in the spirit of diffusers' common scheduler tests (config round trip, compatibles, step
+shapes, tuple vs dataclass, the attributes and options DDIMScheduler has), exactness against the
+core sampler with the analytic Gaussian-mixture model, the two-step state and its checks, and bad
+input. Pipelines are in test_diffusers_pipelines.py.
 """
 
 import logging
 import math
+import pickle
+import warnings
 
+import numpy as np
 import pytest
 import torch
 from diffusers import (DDIMInverseScheduler, DDIMScheduler, DPMSolverMultistepScheduler,
-                       EulerDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler,
-                       StableDiffusionImg2ImgPipeline)
+                       EulerDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler)
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 import belm_kernels as bk
 from belm_kernels import coefficients
-from belm_kernels.diffusers import (BELMInverseScheduler, BELMScheduler, LatentPair, invert,
-                                    tiny_stable_diffusion_pipeline)
+from belm_kernels.diffusers import BELMInverseScheduler, BELMScheduler, LatentPair
+
+# Configs with DDIM's defaults (clip_sample=True) warn that it is ignored; that warning has its
+# own test below.
+pytestmark = pytest.mark.filterwarnings("ignore:BELM.*=.* is ignored:UserWarning")
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 SCHED = bk.Schedule.from_betas(**SD)
 MODEL = bk.GaussianMixture.random(dim=16, num_components=4, seed=0)
 SHAPE = (3, 4, 2, 2)  # 3 samples of the 16-dimensional mixture
+EPS32 = torch.finfo(torch.float32).eps
 
 
 def belm(cls=BELMScheduler, **kw):
@@ -160,6 +165,65 @@ def test_trained_betas_and_attributes():
     assert s.scale_model_input(x, 10) is x
 
 
+@pytest.mark.parametrize("config", [
+    dict(SD), dict(beta_schedule="linear"), dict(beta_schedule="squaredcos_cap_v2"),
+    dict(trained_betas=np.linspace(1e-4, 0.02, 1000)), dict(SD, rescale_betas_zero_snr=True)])
+def test_betas_alphas_alphas_cumprod_are_ddims(config):
+    """The attributes diffusers' DDIMScheduler has, bit for bit, from both schedulers."""
+    ddim = DDIMScheduler(**config)
+    for cls in (BELMScheduler, BELMInverseScheduler):
+        for s in (cls(**config), cls.from_config(ddim.config)):
+            for name in ("betas", "alphas", "alphas_cumprod"):
+                ours, theirs = getattr(s, name), getattr(ddim, name)
+                assert ours.dtype == theirs.dtype == torch.float32, name
+                assert torch.equal(ours, theirs), name
+
+
+@pytest.mark.parametrize("option,value", [("clip_sample", True), ("thresholding", True),
+                                          ("set_alpha_to_one", False)])
+def test_ignored_ddim_options_warn_from_the_constructor_and_from_config(option, value):
+    for cls in (BELMScheduler, BELMInverseScheduler):
+        match = f"{cls.__name__}: {option}={value} is ignored"
+        with pytest.warns(UserWarning, match=match):
+            cls(**{option: value})
+        other = DDIMScheduler(**{**SD, "clip_sample": False, option: value})
+        with pytest.warns(UserWarning, match=match):
+            s = cls.from_config(other.config)
+        assert getattr(s.config, option) == value  # kept in the config, for the trip back
+        assert getattr(DDIMScheduler.from_config(s.config).config, option) == value
+    # the values that BELM follows anyway: no warning, from either path
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        BELMScheduler(clip_sample=False, thresholding=False, set_alpha_to_one=True)
+        BELMScheduler.from_config(DDIMScheduler(**SD, clip_sample=False).config)
+        BELMScheduler.from_config(EulerDiscreteScheduler(**SD).config)  # no such keys
+
+
+def test_zero_terminal_snr_where_the_grid_does_not_visit_it():
+    """rescale_betas_zero_snr=True puts alpha = 0 at timestep 999 only: "leading" spacing never
+    visits it and round-trips exactly; a grid that does visit it is refused with a clear error."""
+    config = DDIMScheduler(**SD, rescale_betas_zero_snr=True, steps_offset=1,
+                           clip_sample=False).config
+    s = BELMScheduler.from_config(config)
+    assert float(s.alphas_cumprod[-1]) == 0.0
+    inv = BELMInverseScheduler.from_config(config)
+    inv.set_timesteps(20)
+    x0 = data()
+    fn = lambda x, t: MODEL.eps(x, *(math.sqrt(v) for v in (  # noqa: E731
+        float(s.alphas_cumprod[int(t)]), 1 - float(s.alphas_cumprod[int(t)])))).to(x.dtype)
+    run(inv, fn, x0)
+    s.set_latent_pair(inv.latent_pair)
+    s.set_timesteps(20)
+    assert max(s.timesteps.tolist()) < 999
+    assert rel(run(s, fn, inv.latent_pair.x_T2), x0) < 1e-12
+    for spacing in ("trailing", "linspace"):
+        t = BELMScheduler.from_config(config, timestep_spacing=spacing)
+        with pytest.raises(ValueError, match="visits timestep 999, where alphas_cumprod is 0"):
+            t.set_timesteps(20)
+    with pytest.raises(ValueError, match="visits timestep 999"):
+        s.set_timesteps(timesteps=[999, 500, 0])
+
+
 # ------------------------------------------------------------------ step outputs
 
 
@@ -206,6 +270,33 @@ def test_int_and_standalone_tensor_timesteps():
         x = s.step(fn(x, t), t, x).prev_sample               # python int
         y = r.step(fn(y, t), torch.tensor(t), y).prev_sample  # not a view of r.timesteps
     assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("as_type", [
+    int, np.int64, np.int32, float, np.float64, torch.tensor,
+    lambda t: torch.tensor([t]), lambda t: torch.tensor(float(t)),
+    lambda t: torch.tensor(t, dtype=torch.int32)])
+def test_timestep_types_that_name_a_timestep(as_type):
+    s, r = belm_set(6), belm_set(6)
+    fn = model_fn()
+    x = y = noise()
+    for t in s.timesteps:
+        x = s.step(fn(x, t), t, x).prev_sample
+        y = r.step(fn(y, t), as_type(int(t)), y).prev_sample
+    assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("timestep,name", [("901", "str"), (b"901", "bytes"), (None, "NoneType"),
+                                           (True, "bool"), (torch.tensor(True), "bool"),
+                                           (901 + 0j, "complex"), ([901], "list")])
+def test_non_numeric_timestep_is_a_type_error(timestep, name):
+    s = belm()
+    s.set_timesteps(timesteps=[901, 500, 0])
+    x = noise()
+    with pytest.raises(TypeError, match=f"timestep must be a number .* got {name}"):
+        s.step(x, timestep, x)
+    assert s.step_index is None  # nothing happened: the run can start
+    s.step(model_fn()(x, 901), 901, x)
 
 
 def test_add_noise_equals_ddim():
@@ -265,30 +356,35 @@ def test_inverse_matches_core_invert_float64():
     assert (pair.x_T2 - ref_T2).abs().max() <= 1e-12 * ref_T2.abs().max()
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.float64, None), (torch.float32, "float64")])
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
-def test_inverse_then_sample_round_trip(dtype, tol, spacing):
+def test_inverse_then_sample_round_trip(dtype, state_dtype, spacing):
+    n = 20
     x0 = data(dtype)
-    inv = BELMInverseScheduler(**SD, timestep_spacing=spacing, steps_offset=1)
-    inv.set_timesteps(20)
+    inv = BELMInverseScheduler(**SD, timestep_spacing=spacing, steps_offset=1,
+                               state_dtype=state_dtype)
+    inv.set_timesteps(n)
     run(inv, model_fn(), x0)
-    x_T, x_T2 = inv.latent_pair
+    pair = inv.latent_pair
     s = BELMScheduler.from_config(inv.config)
-    s.set_latent_pair(x_T, x_T2)
-    s.set_timesteps(20)
-    assert len(s.timesteps) == 19  # the first (DDIM) step is skipped: N-1 model calls
+    s.set_latent_pair(pair)
+    s.set_timesteps(n)
+    assert len(s.timesteps) == n - 1  # the first (DDIM) step is skipped: N-1 model calls
     calls = []
 
     def fn(x, t):
         calls.append(int(t))
         return model_fn()(x, t)
 
-    out = run(s, fn, x_T2)
-    assert len(calls) == 19
-    assert rel(out, x0) < tol, rel(out, x0)
+    out = run(s, fn, pair.x_T2)
+    assert len(calls) == n - 1
+    # float64: rounding (~1e-16 per step), amply. float32 latents with float64 states: the
+    # model sees the same float32 inputs both ways, so only the final rounding remains.
+    tol = 1e-12 if dtype == torch.float64 else EPS32
+    assert rel(out, x0) <= tol, rel(out, x0)
     # the pair was consumed: the next run samples normally from x_T with N calls
-    s.set_timesteps(20)
-    assert len(s.timesteps) == 20
+    s.set_timesteps(n)
+    assert len(s.timesteps) == n
 
 
 def test_set_begin_index_img2img_path():
@@ -348,27 +444,32 @@ def test_inference_mode_and_no_grad():
         assert torch.equal(out, run(ref, model_fn(), noise()))
 
 
-def test_steady_state_writes_in_place_and_keeps_held_tensors_intact():
-    s = belm()
-    s.set_timesteps(12)
+@pytest.mark.parametrize("state_dtype", [None, "float64"])
+def test_tensors_returned_or_given_are_never_written(state_dtype):
+    """Each step writes a fresh tensor: what the scheduler returned earlier (kept by a caller,
+    or a view of it), the samples it was given, and a latent pair's tensors stay as they were."""
     fn = model_fn()
-    x = noise()
-    for t in s.timesteps:
-        x = s.step(fn(x, t), t, x).prev_sample
-    assert s._num_copies == 2  # the two buffers of the run; every later step reuses them
-
-    s.set_timesteps(12)
-    x, kept, copies, views = noise(), [], [], []
+    s = belm_set(12, state_dtype=state_dtype)
+    x, kept, views = noise(torch.float32), [], []
+    given = [(x, x.clone())]
     for i, t in enumerate(s.timesteps):
-        x = s.step(fn(x, t), t, x).prev_sample
-        if i % 3 == 0:
-            kept.append(x)           # the same tensor object
-            copies.append(x.clone())
-        if i % 3 == 1:
-            views.append((x[0], x[0].clone()))  # a view only
-    assert all(torch.equal(k, c) for k, c in zip(kept, copies))
-    assert all(torch.equal(v, c) for v, c in views)
-    assert torch.equal(x, run(belm_set(12), fn, noise()))
+        out = s.step(fn(x, t), t, x).prev_sample
+        assert out is not x and out.data_ptr() != x.data_ptr()
+        x = out
+        kept.append((x, x.clone()))
+        views.append((x[0], x[0].clone()))
+        given.append((x, x.clone()))
+    assert all(torch.equal(a, b) for a, b in kept + views + given)
+    assert torch.equal(x, run(belm_set(12, state_dtype=state_dtype), fn, noise(torch.float32)))
+    # the pair given to set_latent_pair, and its wide states, are unchanged by the run
+    inv = belm_set(12, BELMInverseScheduler, state_dtype="float64")
+    run(inv, fn, data(torch.float32))
+    pair = inv.latent_pair
+    copies = [t.clone() for t in (*pair, *pair.state)]
+    s.set_latent_pair(pair)
+    s.set_timesteps(12)
+    run(s, fn, pair.x_T2)
+    assert all(torch.equal(a, b) for a, b in zip((*pair, *pair.state), copies))
 
 
 @pytest.mark.parametrize("sample_dtype,state_dtype", [(torch.float16, "float32"),
@@ -418,8 +519,10 @@ def test_bad_config_values():
         BELMScheduler(timestep_spacing="karras")
     with pytest.raises(ValueError, match="state_dtype must be one of"):
         BELMScheduler(state_dtype="float16")
-    with pytest.raises(ValueError, match="rescale_betas_zero_snr"):
-        BELMScheduler.from_config(DDIMScheduler(rescale_betas_zero_snr=True).config)
+    with pytest.raises(ValueError, match="beta_schedule must be one of"):
+        BELMScheduler(beta_schedule="cosine")
+    with pytest.raises(ValueError, match="trained_betas must hold num_train_timesteps=1000"):
+        BELMScheduler(trained_betas=[0.1, 0.2])
 
 
 def test_unavailable_backend_fails_early_and_a_failed_step_can_be_retried():
@@ -490,8 +593,8 @@ def test_pair_run_must_start_from_x_T2_on_the_same_grid():
     pair = inv.latent_pair
     s = belm()
     s.set_latent_pair(pair)
-    with pytest.raises(ValueError, match=r"made on the timesteps .* \(10 steps\) but the "
-                                         r"scheduler is set to .* \(12 steps\)"):
+    with pytest.raises(ValueError, match=r"made on the timesteps .* \(10 values\) but the "
+                                         r"scheduler is set to .* \(12 values\)"):
         s.set_timesteps(12)
     s.set_timesteps(10)
     t = s.timesteps[0]
@@ -501,6 +604,55 @@ def test_pair_run_must_start_from_x_T2_on_the_same_grid():
         s.step(pair.x_T2.float(), t, pair.x_T2.float())
     # still armed after the failed attempts
     assert rel(run(s, model_fn(), pair.x_T2), x0) < 1e-12
+
+
+def test_latent_pair_records_its_grid_and_survives_pickling():
+    inv = belm_set(8, BELMInverseScheduler, state_dtype="float64")
+    x0 = data(torch.float32)
+    run(inv, model_fn(), x0)
+    pair = inv.latent_pair
+    ts = belm_set(8).timesteps.tolist()
+    assert pair.grid == {"timesteps": tuple(ts),
+                         "alphas_cumprod": tuple(SCHED.alphas_cumprod[ts].tolist())}
+    assert pair.timesteps == pair.grid["timesteps"]
+    back = pickle.loads(pickle.dumps(pair))
+    assert isinstance(back, LatentPair) and back.grid == pair.grid
+    assert all(torch.equal(a, b) for a, b in zip((*back, *back.state), (*pair, *pair.state)))
+    s = belm()
+    s.set_latent_pair(back)
+    s.set_timesteps(8)
+    assert rel(run(s, model_fn(), back.x_T2), x0) <= EPS32  # float64 states: final rounding
+    # the same timesteps with other noise levels (another beta schedule) are another grid
+    t = BELMScheduler(beta_schedule="linear", timestep_spacing="linspace")
+    t.set_latent_pair(pair)
+    with pytest.raises(ValueError, match="made on the alphas_cumprod"):
+        t.set_timesteps(8)
+    # the record is generic: a key this scheduler's grid does not have is a mismatch
+    other = LatentPair(*pair, state=pair.state, grid={**pair.grid, "sigmas": (1.0, 0.5, 0.0)})
+    s.set_latent_pair(other)
+    with pytest.raises(ValueError, match=r"made on a grid with sigmas \[1.0, 0.5, 0.0\] \(3 "
+                                         r"values\), which BELMScheduler's grid does not have"):
+        s.set_timesteps(8)
+
+
+def test_set_latent_pair_after_a_run_on_another_grid():
+    """A scheduler that last ran 12 steps can be armed with a pair made on 8: the pair's run
+    needs set_timesteps(8) (a pipeline calls it); stepping on the stale grid is refused."""
+    inv = belm_set(8, BELMInverseScheduler)
+    x0 = data()
+    run(inv, model_fn(), x0)
+    s = belm_set(12)
+    run(s, model_fn(), noise())
+    s.set_latent_pair(inv.latent_pair)
+    with pytest.raises(ValueError, match=r"before set_timesteps\(\)"):
+        s.step(x0, 999, x0)
+    s.set_timesteps(8)
+    assert rel(run(s, model_fn(), inv.latent_pair.x_T2), x0) < 1e-12
+    # armed after set_timesteps on the pair's own grid: the N-1 timesteps are published at once
+    s.set_timesteps(8)
+    s.set_latent_pair(inv.latent_pair)
+    assert len(s.timesteps) == 7
+    assert rel(run(s, model_fn(), inv.latent_pair.x_T2), x0) < 1e-12
 
 
 def test_inverse_must_start_at_the_clean_state():
@@ -554,255 +706,3 @@ def test_replaced_sample_is_detected_in_inference_mode():
         x.add_(1e-3)  # no version counter here: the fingerprint sees it
         with pytest.raises(ValueError, match="was modified in place"):
             s.step(fn(x, ts[2]), ts[2], x)
-
-
-# ------------------------------------------------------------------ pipelines (tiny, random)
-
-
-def tiny_pipe(sample_size=16, seed=0):
-    pipe = tiny_stable_diffusion_pipeline(seed, sample_size=sample_size)
-    pipe.scheduler = BELMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def embeds(seed=1, batch=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 77, 32, generator=g), torch.randn(batch, 77, 32, generator=g)
-
-
-def ddim_roundtrip(pipe, x0, pe, ne, n, g):
-    """diffusers' DDIMInverseScheduler loop (guidance as the pipeline applies it), then
-    DDIMScheduler through the pipeline: the usual, inexact inversion."""
-    inv = DDIMInverseScheduler.from_config(pipe.scheduler.config)
-    inv.set_timesteps(n)
-    emb, lat = torch.cat([ne, pe]), x0.clone()
-    with torch.no_grad():
-        for t in inv.timesteps:
-            pred = pipe.unet(torch.cat([lat] * 2), t, encoder_hidden_states=emb,
-                             return_dict=False)[0]
-            u, c = pred.chunk(2)
-            lat = inv.step(u + g * (c - u), t, lat).prev_sample
-    belm_scheduler = pipe.scheduler
-    pipe.scheduler = DDIMScheduler.from_config(belm_scheduler.config)
-    try:
-        return pipe(prompt_embeds=pe, negative_prompt_embeds=ne, latents=lat, num_inference_steps=n,
-                    guidance_scale=g, output_type="latent").images
-    finally:
-        pipe.scheduler = belm_scheduler
-
-
-def image_latents(pipe, image):
-    with torch.no_grad():
-        pixels = pipe.image_processor.preprocess(image)
-        return pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-
-
-@pytest.mark.parametrize("guidance_scale", [3.0, 7.5])
-def test_pipeline_roundtrip_exact(guidance_scale):
-    """invert -> set_latent_pair -> pipe(latents=x_T2) through a real StableDiffusionPipeline loop
-    with classifier-free guidance, float32, 20 steps; diffusers' DDIM inversion beside it."""
-    n, g = 20, guidance_scale
-    pipe = tiny_pipe()
-    pe, ne = embeds()
-    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
-    x0 = image_latents(pipe, image)  # about unit std, like SD latents
-    calls = []
-    pipe.unet.register_forward_hook(lambda *a: calls.append(1))
-    errors = {}
-    for state_dtype in ("float64", None):  # invert's default, and states kept in float32
-        pair = invert(pipe, latents=x0, prompt_embeds=pe, negative_prompt_embeds=ne,
-                      num_inference_steps=n, guidance_scale=g, state_dtype=state_dtype,
-                      progress=False)
-        assert (pair.state is None) == (state_dtype is None)
-        calls.clear()
-        pipe.scheduler.set_latent_pair(pair)
-        out = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, latents=pair.x_T2,
-                   num_inference_steps=n, guidance_scale=g, output_type="latent").images
-        assert len(calls) == n - 1  # the pair skips the first step
-        errors[state_dtype] = rel(out, x0)
-    err_ddim = rel(ddim_roundtrip(pipe, x0, pe, ne, n, g), x0)
-    print(f"\nlatent round trip, float32 pipeline, {n} steps, guidance {g}: "
-          f"BELM {errors['float64']:.2e} (invert default, float64 states)  "
-          f"BELM {errors[None]:.2e} (float32 states)  "
-          f"DDIMInverseScheduler+DDIMScheduler {err_ddim:.2e}")
-    assert errors["float64"] <= 1e-6
-    assert errors[None] <= (1e-5 if g <= 3 else 1e-4)
-    assert err_ddim > 1e-3
-
-
-def test_pipeline_generation_is_zero_copy_and_matches_a_manual_loop():
-    n, g = 12, 7.5
-    pipe = tiny_pipe(sample_size=8)
-    pe, ne = embeds()
-    out = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, num_inference_steps=n,
-               guidance_scale=g, output_type="latent",
-               generator=torch.Generator().manual_seed(0)).images
-    assert pipe.scheduler._num_copies == 2  # every step after the first two reuses a buffer
-    s = BELMScheduler.from_config(pipe.scheduler.config, backend="torch")
-    s.set_timesteps(n)
-    x = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
-    emb = torch.cat([ne, pe])
-    with torch.no_grad():
-        for t in s.timesteps:
-            pred = pipe.unet(torch.cat([x] * 2), t, encoder_hidden_states=emb,
-                             return_dict=False)[0]
-            u, c = pred.chunk(2)
-            x = s.step(u + g * (c - u), t, x).prev_sample
-    assert rel(out, x) < 1e-6
-
-
-def test_invert_image_with_text_prompt_and_edit():
-    """Image in, tokenizer-encoded prompt, regeneration gives the image's latents back."""
-    n, g = 8, 5.0
-    pipe = tiny_pipe(sample_size=8)
-    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))  # in [0, 1]
-    pair = invert(pipe, image=image, prompt="a photo of a cat", negative_prompt="blurry",
-                  num_inference_steps=n, guidance_scale=g, progress=False)
-    x_T, x_T2 = pair
-    assert x_T.dtype == torch.float32 and pair.state[0].dtype == torch.float64
-    x0 = image_latents(pipe, image)
-    pipe.scheduler.set_latent_pair(pair)
-    out = pipe("a photo of a cat", negative_prompt="blurry", latents=x_T2, num_inference_steps=n,
-               guidance_scale=g, output_type="latent").images
-    assert rel(out, x0) <= 1e-6
-    # plain tensors work too (without the float64 states: float32 rounding, still tiny)
-    pipe.scheduler.set_latent_pair(x_T, x_T2)
-    out = pipe("a photo of a cat", negative_prompt="blurry", latents=x_T2, num_inference_steps=n,
-               guidance_scale=g, output_type="latent").images
-    assert rel(out, x0) <= 1e-4
-    pipe.scheduler.set_latent_pair(pair)
-    edit = pipe("a photo of a dog", negative_prompt="blurry", latents=x_T2, num_inference_steps=n,
-                guidance_scale=g, output_type="np").images
-    assert edit.shape == (1, 16, 16, 3) and bool(torch.isfinite(torch.from_numpy(edit)).all())
-
-
-@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
-def test_pipeline_roundtrip_other_prediction_types(prediction_type):
-    n, g = 8, 5.0
-    pipe = tiny_pipe(sample_size=8)
-    pipe.scheduler = BELMScheduler.from_config(pipe.scheduler.config,
-                                               prediction_type=prediction_type)
-    pe, ne = embeds()
-    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    pair = invert(pipe, latents=x0, prompt_embeds=pe, negative_prompt_embeds=ne,
-                  num_inference_steps=n, guidance_scale=g, progress=False)
-    pipe.scheduler.set_latent_pair(pair)
-    out = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, latents=pair.x_T2,
-               num_inference_steps=n, guidance_scale=g, output_type="latent").images
-    assert rel(out, x0) <= 1e-6
-
-
-def test_invert_batch_with_images_per_prompt():
-    """Two latents for one prompt: invert and regenerate with num_images_per_prompt=2."""
-    n, g = 6, 4.0
-    pipe = tiny_pipe(sample_size=8)
-    pe, ne = embeds()
-    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    pair = invert(pipe, latents=x0, prompt_embeds=pe, negative_prompt_embeds=ne,
-                  num_inference_steps=n, guidance_scale=g, progress=False)
-    pipe.scheduler.set_latent_pair(pair)
-    out = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, num_images_per_prompt=2,
-               latents=pair.x_T2, num_inference_steps=n, guidance_scale=g,
-               output_type="latent").images
-    assert rel(out, x0) <= 1e-6
-    with pytest.raises(ValueError, match="not a multiple of the prompt batch 2"):
-        invert(pipe, latents=x0[:1], prompt_embeds=torch.cat([pe, pe]),
-               negative_prompt_embeds=torch.cat([ne, ne]), num_inference_steps=n)
-
-
-def test_pipeline_pair_errors():
-    n = 6
-    pipe = tiny_pipe(sample_size=8)
-    pe, ne = embeds()
-    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    pair = invert(pipe, latents=x0, prompt_embeds=pe, negative_prompt_embeds=ne,
-                  num_inference_steps=n, guidance_scale=3.0, progress=False)
-    pipe.scheduler.set_latent_pair(pair)
-    with pytest.raises(ValueError, match="pass latents=x_T2"):
-        pipe(prompt_embeds=pe, negative_prompt_embeds=ne, latents=pair.x_T, num_inference_steps=n,
-             guidance_scale=3.0, output_type="latent")
-    with pytest.raises(ValueError, match="invert and regenerate with the same num_inference_steps"):
-        pipe(prompt_embeds=pe, negative_prompt_embeds=ne, latents=pair.x_T2,
-             num_inference_steps=n + 1, guidance_scale=3.0, output_type="latent")
-    with pytest.raises(ValueError, match="exactly one of image or latents"):
-        invert(pipe, prompt_embeds=pe, num_inference_steps=n)
-
-
-@pytest.mark.filterwarnings("ignore:`callback")  # the legacy callback is deprecated
-def test_pipeline_callbacks():
-    n, g = 6, 4.0
-    pipe = tiny_pipe(sample_size=8)
-    pe, ne = embeds()
-    kw = dict(prompt_embeds=pe, negative_prompt_embeds=ne, num_inference_steps=n, guidance_scale=g,
-              output_type="latent")
-    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    ref = pipe(**kw, generator=gen()).images
-
-    # a callback that looks at (and keeps references to) the latents: no false alarm, same result,
-    # and the kept tensors are not overwritten by later steps
-    kept = []
-
-    def keep(p, i, t, cb):
-        kept.append((cb["latents"], cb["latents"].clone()))
-        return cb
-
-    out = pipe(**kw, generator=gen(), callback_on_step_end=keep).images
-    assert torch.equal(out, ref)
-    assert all(torch.equal(a, b) for a, b in kept)
-
-    # a callback returning a value-identical copy is fine
-    out = pipe(**kw, generator=gen(),
-               callback_on_step_end=lambda p, i, t, cb: {"latents": cb["latents"].clone()}).images
-    assert torch.equal(out, ref)
-
-    # a callback that replaces the latents: detected at the next step
-    def replace(p, i, t, cb):
-        return {"latents": cb["latents"] * 1.01} if i == 2 else cb
-
-    with pytest.raises(ValueError, match=r"not the prev_sample returned by the previous step .*"
-                                         r"modified or replaced by a callback"):
-        pipe(**kw, generator=gen(), callback_on_step_end=replace)
-
-    # the legacy callback editing the latents in place: detected too
-    def edit(i, t, latents):
-        if i == 1:
-            latents.mul_(1.01)
-
-    with pytest.raises(ValueError, match="modified in place"):
-        pipe(**kw, generator=gen(), callback=edit, callback_steps=1)
-
-    # and the scheduler works again on the next run
-    assert torch.equal(pipe(**kw, generator=gen()).images, ref)
-
-
-def test_img2img_pipeline_uses_set_begin_index():
-    n, strength = 10, 0.5
-    pipe = tiny_pipe(sample_size=8)
-    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
-    img2img.set_progress_bar_config(disable=True)
-    pe, ne = embeds()
-    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
-    seen = []
-
-    def record(p, i, t, cb):
-        seen.append(int(t))
-        return cb
-
-    out = img2img(prompt_embeds=pe, negative_prompt_embeds=ne, image=image, strength=strength,
-                  num_inference_steps=n, guidance_scale=3.0, output_type="latent",
-                  generator=torch.Generator().manual_seed(0), callback_on_step_end=record).images
-    s = img2img.scheduler
-    assert s.begin_index == n - int(n * strength)
-    assert seen == s.timesteps.tolist()[s.begin_index:]
-    assert s.step_index == n
-    assert bool(torch.isfinite(out).all())
-
-
-def test_pipeline_custom_timesteps():
-    pipe = tiny_pipe(sample_size=8)
-    pe, ne = embeds()
-    ts = [999, 800, 600, 400, 200, 1]
-    out = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, timesteps=ts, guidance_scale=2.0,
-               output_type="latent", generator=torch.Generator().manual_seed(0)).images
-    assert pipe.scheduler.timesteps.tolist() == ts and bool(torch.isfinite(out).all())
