@@ -56,11 +56,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-# The pipeline classes whose inversion ``belm_kernels.diffusers.invert`` supports and which
-# regenerate from ``latents=`` (text-to-image). Extend together with ``invert``.
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
-TINY = "tiny"  # --model default: belm_kernels.diffusers.tiny_stable_diffusion_pipeline()
-TINY_RECORD = "tiny: belm_kernels.diffusers.tiny_stable_diffusion_pipeline(seed=0), random weights"
+# The diffusers pipeline classes (and their subclasses) that ``belm_kernels.diffusers.invert``
+# inverts and that regenerate from ``latents=`` (text-to-image). Keep in step with ``invert``;
+# the folder's class is checked against it before any weight is loaded.
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+# --model names of the tiny offline pipelines (random weights), and how runs record them
+TINY = {"tiny": "tiny_stable_diffusion_pipeline",
+        "tiny-sdxl": "tiny_stable_diffusion_xl_pipeline"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ITEMS_PER_SHARD = 8  # default shard size on the first run into a folder
@@ -309,32 +311,41 @@ class Ranks:
 # Pipelines.
 
 
+def tiny_record(name: str) -> str:
+    return f"{name}: belm_kernels.diffusers.{TINY[name]}(seed=0), random weights"
+
+
 def load_pipeline(model: str, dtype: torch.dtype, device: torch.device):
-    """The pipeline and how it is recorded: ``tiny`` (the offline random one; recorded as
-    ``TINY_RECORD``, which loads it too) or a local diffusers pipeline folder of a supported class
-    (checked before any weight is loaded; recorded by its absolute path)."""
+    """The pipeline and how it is recorded: ``tiny`` / ``tiny-sdxl`` (the offline random ones;
+    recorded as ``tiny_record(name)``, which loads them too) or a local diffusers pipeline folder
+    of a supported class (checked before any weight is loaded; recorded by its absolute path)."""
+    import diffusers
     from diffusers import DiffusionPipeline
 
-    from .diffusers import tiny_stable_diffusion_pipeline
+    from . import diffusers as belm_diffusers
 
-    if model in (TINY, TINY_RECORD):
-        pipe = tiny_stable_diffusion_pipeline(0, dtype=dtype, device=device)
-        name = TINY_RECORD
+    tiny = {tiny_record(name): name for name in TINY} | {name: name for name in TINY}
+    if model in tiny:
+        make = getattr(belm_diffusers, TINY[tiny[model]])
+        pipe = make(0, dtype=dtype, device=device)
+        name = tiny_record(tiny[model])
     else:
         path = Path(model)
         index = path / "model_index.json"
         if not index.is_file():
             raise BulkError(f"--model {model}: not a diffusers pipeline folder (no "
                             f"model_index.json); give a folder written by save_pretrained, or "
-                            f"'{TINY}' for the tiny offline pipeline")
+                            f"{' / '.join(TINY)} for a tiny offline pipeline")
         try:
             cls = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
         except (OSError, ValueError) as exc:
             raise BulkError(f"--model {model}: cannot read {index}: {exc}") from None
-        if cls not in SUPPORTED_PIPELINES:
+        supported = tuple(getattr(diffusers, c) for c in SUPPORTED_PIPELINES)
+        found = getattr(diffusers, str(cls), None)
+        if not (isinstance(found, type) and issubclass(found, supported)):
             raise BulkError(f"--model {model} is a {cls}; the bulk commands support "
-                            f"{', '.join(SUPPORTED_PIPELINES)} (the pipelines that "
-                            "belm_kernels.diffusers.invert inverts)")
+                            f"{', '.join(SUPPORTED_PIPELINES)} and their subclasses (the "
+                            "pipelines that belm_kernels.diffusers.invert inverts)")
         pipe = DiffusionPipeline.from_pretrained(path, **{_dtype_keyword(): dtype}).to(device)
         name = str(path.resolve())
     pipe.set_progress_bar_config(disable=True)
@@ -899,9 +910,10 @@ def _common(p: argparse.ArgumentParser, out_help: str) -> None:
 
 
 def _model_options(p: argparse.ArgumentParser, steps: int) -> None:
-    p.add_argument("--model", default=TINY,
+    p.add_argument("--model", default="tiny",
                    help=f"a local diffusers pipeline folder ({', '.join(SUPPORTED_PIPELINES)}), "
-                        f"or '{TINY}' (default): a tiny random pipeline built offline, for trying")
+                        "or tiny (default) / tiny-sdxl: a tiny random SD / SDXL pipeline built "
+                        "offline, for trying")
     p.add_argument("--steps", type=_positive, default=steps,
                    help=f"model steps N (default {steps})")
     p.add_argument("--guidance", type=float, default=7.5,

@@ -20,7 +20,8 @@ from safetensors.torch import load_file  # noqa: E402
 
 from belm_kernels import bulk  # noqa: E402
 from belm_kernels.cli import main  # noqa: E402
-from belm_kernels.diffusers import tiny_stable_diffusion_pipeline  # noqa: E402
+from belm_kernels.diffusers import (image_latents, tiny_stable_diffusion_pipeline,  # noqa: E402
+                                    tiny_stable_diffusion_xl_pipeline)
 
 N_ITEMS, SHARDS = 8, 5  # ids img0..img7 fill all 5 shards (1 or 2 items each)
 RUN = ["--steps", "4", "--guidance", "3.0", "--negative-prompt", "blurry", "--no-progress"]
@@ -95,7 +96,7 @@ def test_reference_run_stores_every_item_once_with_its_metadata(reference):
     run = json.loads((reference / "run.json").read_text())
     cfg = run["config"]
     assert run["num_shards"] == SHARDS and run["command"] == "invert-dataset"
-    assert cfg["model"] == bulk.TINY_RECORD and cfg["pipeline"] == "StableDiffusionPipeline"
+    assert cfg["model"] == bulk.tiny_record("tiny") and cfg["pipeline"] == "StableDiffusionPipeline"
     assert cfg["timesteps"] == [751, 501, 251, 1] and cfg["steps"] == 4
     assert cfg["guidance_scale"] == 3.0 and cfg["dtype"] == "float32" and cfg["method"] == "obelm"
     assert cfg["scheduler"]["_class_name"] == "DDIMScheduler"
@@ -147,29 +148,45 @@ def test_rank_that_dies_then_resume_with_one_process(data, reference, tmp_path, 
     assert outputs(out) == outputs(reference)  # nothing lost, nothing twice, no temp file left
 
 
+def assert_inputs_come_back(data, regen, pipe, ids):
+    """The regenerated latents are the image latents that were inverted, bit for bit."""
+    latents = stored(regen)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the jobs ran: the encoder's bits depend on the thread count
+    try:
+        for i in ids:
+            x0 = image_latents(pipe, Image.open(data / f"{i}.png").convert("RGB"))
+            assert torch.equal(latents[f"{i}/latents"], x0), i
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_regeneration_gives_back_the_input_latents_exactly(data, reference, tmp_path, pipe):
     out = tmp_path / "regen"
     assert main(["regenerate-dataset", "--pairs", str(reference), "--out", str(out),
                  "--no-progress"]) == 0
     assert summary(out)["done"] == N_ITEMS
-    latents = stored(out)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the job ran: the encoder's bits depend on the thread count
-    try:
-        for i in range(N_ITEMS):
-            image = Image.open(data / f"img{i}.png").convert("RGB")
-            with torch.no_grad():
-                x0 = pipe.vae.encode(pipe.image_processor.preprocess(image)).latent_dist.mean
-            x0 = x0 * pipe.vae.config.scaling_factor
-            assert torch.equal(latents[f"img{i}/latents"], x0), f"img{i}"
-            assert (out / "images" / f"img{i}.png").is_file()
-            assert (out / "images" / f"img{i}.txt").read_text() == f"a photo of img{i}"
-    finally:
-        torch.set_num_threads(threads)
+    assert_inputs_come_back(data, out, pipe, [f"img{i}" for i in range(N_ITEMS)])
+    for i in range(N_ITEMS):
+        assert (out / "images" / f"img{i}.png").is_file()
+        assert (out / "images" / f"img{i}.txt").read_text() == f"a photo of img{i}"
     # a rerun finds everything done
     assert main(["regenerate-dataset", "--pairs", str(reference), "--out", str(out),
                  "--no-progress"]) == 0
     assert (summary(out)["done"], summary(out)["skipped"]) == (0, N_ITEMS)
+
+
+def test_sdxl_pipeline_inverts_and_regenerates_exactly(tmp_path):
+    data = make_images(tmp_path / "data", ["a", "b"])
+    pairs, regen = tmp_path / "pairs", tmp_path / "regen"
+    assert main(["invert-dataset", "--data", str(data), "--out", str(pairs), "--model",
+                 "tiny-sdxl", *RUN]) == 0
+    cfg = json.loads((pairs / "run.json").read_text())["config"]
+    assert cfg["pipeline"] == "StableDiffusionXLPipeline"
+    assert cfg["model"] == bulk.tiny_record("tiny-sdxl")
+    assert main(["regenerate-dataset", "--pairs", str(pairs), "--out", str(regen), "--save",
+                 "latents", "--no-progress"]) == 0
+    assert_inputs_come_back(data, regen, tiny_stable_diffusion_xl_pipeline(), ["a", "b"])
 
 
 def test_unreadable_pairs_shard_is_reported_and_the_others_regenerate(reference, tmp_path):
@@ -274,7 +291,8 @@ def test_unsupported_pipeline_fails_before_any_work(data, tmp_path, capsys):
     assert main(["invert-dataset", "--data", str(data), "--out", str(out), "--model", str(model),
                  *RUN]) == 2
     err = capsys.readouterr().err
-    assert "is a DDPMPipeline; the bulk commands support StableDiffusionPipeline" in err
+    assert ("is a DDPMPipeline; the bulk commands support StableDiffusionPipeline, "
+            "StableDiffusionXLPipeline and their subclasses") in err
     assert not out.exists()
     assert main(["invert-dataset", "--data", str(data), "--out", str(out), "--model",
                  str(tmp_path), *RUN]) == 2
@@ -295,7 +313,7 @@ def test_folder_of_another_model_grid_or_shard_count_is_refused(data, reference,
     model = tmp_path / "model"
     pipe.save_pretrained(model)  # the same weights, but another model as far as the folder knows
     assert main([*base, *RUN, "--model", str(model)]) == 2
-    assert f"model: {json.dumps(bulk.TINY_RECORD)} there" in capsys.readouterr().err
+    assert f"model: {json.dumps(bulk.tiny_record('tiny'))} there" in capsys.readouterr().err
     assert outputs(reference) == before
     # the saved folder works as --model
     one = make_images(tmp_path / "one", [])
