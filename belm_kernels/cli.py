@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from . import ops
+from . import bulk, ops
 from .accuracy import DTYPES, format_table, plot_convergence, run_study
 from .samplers import SAME_STEP, FLOW_SAMPLERS, SAMPLERS
 from .schedule import FlowSchedule
@@ -166,6 +166,8 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("backends", help="list the op backends and why any is unavailable")
     p.set_defaults(func=backends)
+
+    bulk.add_commands(sub)  # invert-dataset, regenerate-dataset, generate-dataset
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -1,0 +1,414 @@
+"""Bulk jobs (belm_kernels.bulk): one process and torchrun ranks write the same bytes, a killed run
+resumes with another number of ranks, regeneration from the stored pairs is exact, bad input is
+reported item by item. The tiny offline pipeline, 32x32 images, 4 steps, CPU (gloo)."""
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+from PIL import Image  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from belm_kernels import bulk  # noqa: E402
+from belm_kernels.cli import main  # noqa: E402
+from belm_kernels.diffusers import (image_latents, tiny_stable_diffusion_pipeline,  # noqa: E402
+                                    tiny_stable_diffusion_xl_pipeline)
+
+N_ITEMS, SHARDS = 8, 5  # ids img0..img7 fill all 5 shards (1 or 2 items each)
+RUN = ["--steps", "4", "--guidance", "3.0", "--negative-prompt", "blurry", "--no-progress"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_images(folder: Path, ids, size=32, seed=0, prompts=True):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in ids:
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        if prompts:
+            (folder / f"{i}.txt").write_text(f"a photo of {i}")
+    return folder
+
+
+def outputs(folder: Path) -> dict[str, bytes]:
+    """Every result file of an output folder (shards and images), by relative path."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in ("run.json", "summary.json")}
+
+
+def summary(folder: Path) -> dict:
+    return json.loads((folder / "summary.json").read_text())
+
+
+def stored(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(folder.glob("shard-*.safetensors")):
+        part = load_file(path)
+        assert not set(part) & set(tensors), "an item stored twice"
+        tensors.update(part)
+    return tensors
+
+
+def torchrun(nproc: int, *args, env=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "belm_kernels.cli", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_images(tmp_path_factory.mktemp("data"), [f"img{i}" for i in range(N_ITEMS)])
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """One process, in this interpreter: the pairs every other run is compared with."""
+    out = tmp_path_factory.mktemp("ref") / "pairs"
+    assert main(["invert-dataset", "--data", str(data), "--out", str(out), "--shards",
+                 str(SHARDS), *RUN]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_stable_diffusion_pipeline()
+
+
+def test_reference_run_stores_every_item_once_with_its_metadata(reference):
+    s = summary(reference)
+    assert (s["items"], s["done"], s["skipped"], s["failed"]) == (N_ITEMS, N_ITEMS, 0, 0)
+    assert s["world_size"] == 1 and s["threads"] == 1 and s["shards_written"] == SHARDS
+    tensors = stored(reference)
+    assert sorted(tensors) == sorted(f"img{i}/{n}" for i in range(N_ITEMS)
+                                     for n in ("x_T", "x_T2", "state_T", "state_T2"))
+    assert tensors["img0/x_T"].dtype == torch.float32
+    assert tensors["img0/state_T"].dtype == torch.float64
+    run = json.loads((reference / "run.json").read_text())
+    cfg = run["config"]
+    assert run["num_shards"] == SHARDS and run["command"] == "invert-dataset"
+    assert cfg["model"] == bulk.tiny_record("tiny") and cfg["pipeline"] == "StableDiffusionPipeline"
+    assert cfg["timesteps"] == [751, 501, 251, 1] and cfg["steps"] == 4
+    assert cfg["guidance_scale"] == 3.0 and cfg["dtype"] == "float32" and cfg["method"] == "obelm"
+    assert cfg["scheduler"]["_class_name"] == "DDIMScheduler"
+    assert (cfg["height"], cfg["width"]) == (32, 32)
+    path = bulk.shard_path(reference, bulk.shard_of("img3", SHARDS), SHARDS)
+    _, meta = bulk.read_shard(path)
+    rec = {r["id"]: r for r in meta["items"]}["img3"]
+    assert meta["config"] == cfg and rec["fingerprint"]["prompt"] == "a photo of img3"
+    assert rec["fingerprint"]["negative_prompt"] == "blurry"
+    assert len(rec["fingerprint"]["image_sha256"]) == 64
+
+
+def test_shard_of_is_a_fixed_function_of_the_id():
+    # Folders written earlier depend on these values: changing the hash breaks every resume.
+    assert [bulk.shard_of(f"img{i}", SHARDS) for i in range(N_ITEMS)] == [2, 1, 4, 0, 2, 3, 1, 3]
+    assert bulk.shard_of("a", 1000) == 250 and bulk.shard_of("cat", 1000) == 259
+
+
+def test_deal_gives_the_largest_shards_to_the_least_loaded_rank():
+    assert bulk._deal([(0, 3), (1, 1), (2, 2), (3, 2)], 2) == [[0, 1], [2, 3]]
+    assert bulk._deal([(4, 1)], 3) == [[4], [], []]
+
+
+@pytest.mark.slow  # torchrun: two fresh interpreters importing torch and diffusers (~20 s here)
+def test_two_ranks_write_the_bytes_of_one_process(data, reference, tmp_path):
+    out = tmp_path / "pairs"
+    res = torchrun(2, "invert-dataset", "--data", data, "--out", out, "--shards", SHARDS, *RUN)
+    assert res.returncode == 0, res.stderr
+    assert outputs(out) == outputs(reference)
+    s = summary(out)
+    assert (s["world_size"], s["done"], s["skipped"], s["failed"]) == (2, N_ITEMS, 0, 0)
+    assert f"invert-dataset: {N_ITEMS} items: {N_ITEMS} done" in res.stdout
+
+
+@pytest.mark.slow  # torchrun, as above
+def test_rank_that_dies_then_resume_with_one_process(data, reference, tmp_path, capsys):
+    out = tmp_path / "pairs"
+    res = torchrun(2, "invert-dataset", "--data", data, "--out", out, "--shards", SHARDS, *RUN,
+                   env={bulk.EXIT_HOOK: "1:1"})
+    assert res.returncode != 0  # torchrun reports the dead rank and stops the others
+    assert f"{bulk.EXIT_HOOK}: exiting after 1 shards" in res.stderr
+    left = sorted(out.glob("shard-*.safetensors"))
+    assert 1 <= len(left) < SHARDS
+    finished = sum(len(bulk.read_shard(p)[1]["items"]) for p in left)
+    assert main(["invert-dataset", "--data", str(data), "--out", str(out), *RUN]) == 0
+    s = summary(out)
+    assert (s["skipped"], s["done"], s["failed"]) == (finished, N_ITEMS - finished, 0)
+    assert s["world_size"] == 1 and s["shards_written"] == SHARDS - len(left)
+    assert outputs(out) == outputs(reference)  # nothing lost, nothing twice, no temp file left
+
+
+def assert_inputs_come_back(data, regen, pipe, ids):
+    """The regenerated latents are the image latents that were inverted, bit for bit."""
+    latents = stored(regen)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the jobs ran: the encoder's bits depend on the thread count
+    try:
+        for i in ids:
+            x0 = image_latents(pipe, Image.open(data / f"{i}.png").convert("RGB"))
+            assert torch.equal(latents[f"{i}/latents"], x0), i
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_regeneration_gives_back_the_input_latents_exactly(data, reference, tmp_path, pipe):
+    out = tmp_path / "regen"
+    assert main(["regenerate-dataset", "--pairs", str(reference), "--out", str(out),
+                 "--no-progress"]) == 0
+    assert summary(out)["done"] == N_ITEMS
+    assert_inputs_come_back(data, out, pipe, [f"img{i}" for i in range(N_ITEMS)])
+    for i in range(N_ITEMS):
+        assert (out / "images" / f"img{i}.png").is_file()
+        assert (out / "images" / f"img{i}.txt").read_text() == f"a photo of img{i}"
+    # a rerun finds everything done
+    assert main(["regenerate-dataset", "--pairs", str(reference), "--out", str(out),
+                 "--no-progress"]) == 0
+    assert (summary(out)["done"], summary(out)["skipped"]) == (0, N_ITEMS)
+
+
+def test_sdxl_pipeline_inverts_and_regenerates_exactly(tmp_path):
+    data = make_images(tmp_path / "data", ["a", "b"])
+    pairs, regen = tmp_path / "pairs", tmp_path / "regen"
+    assert main(["invert-dataset", "--data", str(data), "--out", str(pairs), "--model",
+                 "tiny-sdxl", *RUN]) == 0
+    cfg = json.loads((pairs / "run.json").read_text())["config"]
+    assert cfg["pipeline"] == "StableDiffusionXLPipeline"
+    assert cfg["model"] == bulk.tiny_record("tiny-sdxl")
+    assert main(["regenerate-dataset", "--pairs", str(pairs), "--out", str(regen), "--save",
+                 "latents", "--no-progress"]) == 0
+    assert_inputs_come_back(data, regen, tiny_stable_diffusion_xl_pipeline(), ["a", "b"])
+
+
+def test_unreadable_pairs_shard_is_reported_and_the_others_regenerate(reference, tmp_path):
+    pairs = tmp_path / "pairs"
+    shutil.copytree(reference, pairs)
+    victim = bulk.shard_path(pairs, 1, SHARDS)  # img1 and img6
+    victim.write_bytes(b"garbage")
+    out = tmp_path / "regen"
+    assert main(["regenerate-dataset", "--pairs", str(pairs), "--out", str(out), "--save",
+                 "latents", "--no-progress"]) == 1
+    s = summary(out)
+    assert (s["done"], s["failed"]) == (N_ITEMS - 2, 1)
+    assert str(victim) in s["failures"][0]["error"] and "unreadable" in s["failures"][0]["error"]
+    assert sorted(k.split("/")[0] for k in stored(out)) == sorted(
+        f"img{i}" for i in range(N_ITEMS) if i not in (1, 6))
+
+
+def test_edit_with_new_prompts(reference, tmp_path):
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text('{"id": "img1", "prompt": "a photo of a dog"}\n'
+                     '{"id": "nope", "prompt": "a photo of a dog"}\n')
+    out = tmp_path / "edit"
+    assert main(["regenerate-dataset", "--pairs", str(reference), "--out", str(out), "--prompts",
+                 str(edits), "--save", "latents", "--no-progress"]) == 1
+    s = summary(out)
+    assert (s["done"], s["failed"]) == (1, 1)
+    assert s["failures"][0]["id"] == "nope" and "no stored pair" in s["failures"][0]["error"]
+    assert not (out / "images").exists()
+    same = tmp_path / "same"
+    assert main(["regenerate-dataset", "--pairs", str(reference), "--out", str(same),
+                 "--save", "latents", "--no-progress"]) == 0
+    edited, regenerated = stored(out)["img1/latents"], stored(same)["img1/latents"]
+    assert edited.shape == regenerated.shape and not torch.equal(edited, regenerated)
+    # another edit prompt into the same folder would overwrite the first edit: refused
+    assert main(["regenerate-dataset", "--pairs", str(reference), "--out", str(same),
+                 "--prompt", "a cat", "--save", "latents", "--no-progress"]) == 2
+
+
+def test_generation_is_seeded_per_item(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\n\na red fox\n")  # ids 000001 and 000003
+    args = ["--prompts", str(prompts), "--steps", "3", "--save", "images,latents", "--no-progress"]
+    assert main(["generate-dataset", "--out", str(tmp_path / "a"), *args]) == 0
+    assert main(["generate-dataset", "--out", str(tmp_path / "b"), "--shards", "2", *args]) == 0
+    a, b = outputs(tmp_path / "a"), outputs(tmp_path / "b")
+    assert sorted(k for k in a if k.startswith("images/")) == [
+        "images/000001.png", "images/000001.txt", "images/000003.png", "images/000003.txt"]
+    assert {k: v for k, v in a.items() if k.startswith("images/")} == {
+        k: v for k, v in b.items() if k.startswith("images/")}  # reproducible
+    latents = stored(tmp_path / "a")
+    assert latents["000001/latents"].shape == (1, 4, 16, 16)
+    assert not torch.equal(latents["000001/latents"], latents["000003/latents"])  # own seeds
+
+
+def test_bad_items_are_reported_and_the_others_go_on(tmp_path, capsys):
+    data = make_images(tmp_path / "data", ["good", "big"], prompts=False)
+    make_images(data, ["big"], size=40, seed=1, prompts=False)
+    make_images(data, ["noprompt"], seed=2, prompts=False)
+    (data / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    manifest = tmp_path / "items.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "good", "image": "data/good.png", "prompt": "a photo"},
+        {"id": "corrupt", "image": "data/corrupt.png", "prompt": "a photo"},
+        {"id": "big", "image": "data/big.png", "prompt": "a photo"},
+        {"id": "noprompt", "image": "data/noprompt.png"},
+        {"id": "ghost", "image": "data/ghost.png", "prompt": "a photo"}]) + "\n")
+    out = tmp_path / "pairs"
+    args = ["invert-dataset", "--data", str(manifest), "--out", str(out), *RUN]
+    assert main(args) == 1
+    s = summary(out)
+    assert (s["done"], s["failed"]) == (1, 4)
+    errors = {f["id"]: f["error"] for f in s["failures"]}
+    assert "cannot read image" in errors["corrupt"] and "corrupt.png" in errors["corrupt"]
+    assert "is 40x40 (WxH), this run inverts 32x32" in errors["big"]
+    assert "--resize" in errors["big"]
+    assert "missing prompt" in errors["noprompt"] and "items.jsonl line 4" in errors["noprompt"]
+    assert "cannot read image" in errors["ghost"] and "ghost.png" in errors["ghost"]
+    printed = capsys.readouterr()
+    assert "FAILED item 'big'" in printed.err and "4 failed" in printed.out
+    assert list(stored(out)) == ["good/state_T", "good/state_T2", "good/x_T", "good/x_T2"]
+    # fixed input: only the fixed items are computed; the bad ones fail again
+    good = stored(out)
+    manifest.write_text(manifest.read_text().replace('"data/noprompt.png"}',
+                                                     '"data/noprompt.png", "prompt": "a photo"}'))
+    assert main(args) == 1
+    s = summary(out)
+    assert (s["done"], s["skipped"], s["failed"]) == (1, 1, 3)
+    after = stored(out)
+    assert all(torch.equal(after[k], v) for k, v in good.items()) and "noprompt/x_T" in after
+    # --resize is part of the config: the folder refuses it; a new folder takes every image
+    assert main([*args, "--resize"]) == 2
+    assert main([*args[:-len(RUN) - 1], str(tmp_path / "resized"), *RUN, "--resize"]) == 1
+    failed = sorted(f["id"] for f in summary(tmp_path / "resized")["failures"])
+    assert failed == ["corrupt", "ghost"]
+
+
+def test_unsupported_pipeline_fails_before_any_work(data, tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text('{"_class_name": "DDPMPipeline"}')
+    out = tmp_path / "out"
+    assert main(["invert-dataset", "--data", str(data), "--out", str(out), "--model", str(model),
+                 *RUN]) == 2
+    err = capsys.readouterr().err
+    assert ("is a DDPMPipeline; the bulk commands support StableDiffusionPipeline, "
+            "StableDiffusionXLPipeline and their subclasses") in err
+    assert not out.exists()
+    assert main(["invert-dataset", "--data", str(data), "--out", str(out), "--model",
+                 str(tmp_path), *RUN]) == 2
+    assert "not a diffusers pipeline folder (no model_index.json)" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_folder_of_another_model_grid_or_shard_count_is_refused(data, reference, tmp_path,
+                                                                  pipe, capsys):
+    before = outputs(reference)
+    base = ["invert-dataset", "--data", str(data), "--out", str(reference)]
+    assert main([*base, "--steps", "5", "--guidance", "3.0", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "steps: 4 there, 5 in this run" in err and "timesteps: [751, 501, 251, 1]" in err
+    assert "use another --out folder, or delete" in err
+    assert main([*base, *RUN, "--shards", "7"]) == 2
+    assert "split into 5 shards" in capsys.readouterr().err
+    model = tmp_path / "model"
+    pipe.save_pretrained(model)  # the same weights, but another model as far as the folder knows
+    assert main([*base, *RUN, "--model", str(model)]) == 2
+    assert f"model: {json.dumps(bulk.tiny_record('tiny'))} there" in capsys.readouterr().err
+    assert outputs(reference) == before
+    # the saved folder works as --model
+    one = make_images(tmp_path / "one", [])
+    shutil.copy(data / "img2.png", one)
+    shutil.copy(data / "img2.txt", one)
+    out = tmp_path / "pairs"
+    assert main(["invert-dataset", "--data", str(one), "--out", str(out), *RUN, "--model",
+                 str(model)]) == 0
+    assert json.loads((out / "run.json").read_text())["config"]["model"] == str(model.resolve())
+    assert summary(out)["done"] == 1 and stored(out)["img2/state_T"].shape == (1, 4, 16, 16)
+
+
+def test_disk_full_while_writing_a_shard(data, reference, tmp_path, monkeypatch):
+    out = tmp_path / "pairs"
+    shutil.copytree(reference, out)
+    more = tmp_path / "data"
+    shutil.copytree(data, more)
+    make_images(more, ["new0", "new1"], seed=7)
+    before = outputs(out)
+    real = bulk._write_bytes
+
+    def full_disk(f, payload):
+        if "shard-" not in f.name:
+            return real(f, payload)
+        f.write(payload[: len(payload) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(bulk, "_write_bytes", full_disk)
+    args = ["invert-dataset", "--data", str(more), "--out", str(out), *RUN]
+    assert main(args) == 1
+    s = summary(out)
+    assert (s["done"], s["skipped"], s["failed"]) == (0, N_ITEMS, 2)
+    assert sorted(f["id"] for f in s["failures"]) == ["new0", "new1"]
+    assert all("No space left on device" in f["error"] for f in s["failures"])
+    assert outputs(out) == before  # old shards intact, no partial temp file left
+    monkeypatch.undo()
+    assert main(args) == 0
+    assert (summary(out)["done"], summary(out)["skipped"]) == (2, N_ITEMS)
+    tensors, ref = stored(out), stored(reference)
+    assert all(torch.equal(tensors[k], v) for k, v in ref.items()) and "new1/x_T" in tensors
+
+
+def test_unreadable_shard_and_stale_temp_file_are_redone(data, reference, tmp_path, capsys):
+    out = tmp_path / "pairs"
+    shutil.copytree(reference, out)
+    victim = bulk.shard_path(out, 1, SHARDS)
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated
+    (out / f".{victim.name}.tmp-12345").write_bytes(b"left by a killed process")
+    assert main(["invert-dataset", "--data", str(data), "--out", str(out), *RUN]) == 0
+    assert "is unreadable" in capsys.readouterr().err
+    s = summary(out)
+    assert (s["done"], s["skipped"], s["shards_written"]) == (2, N_ITEMS - 2, 1)
+    assert outputs(out) == outputs(reference)
+
+
+def test_manifests_and_folders_read_the_same_items(tmp_path):
+    data = make_images(tmp_path / "d", ["a", "b"])
+    (tmp_path / "m.csv").write_text("id,image,prompt\na,d/a.png,a photo of a\n"
+                                    "b,d/b.png,a photo of b\n")
+    (tmp_path / "m.jsonl").write_text(
+        '{"image": "d/a.png", "prompt": "a photo of a"}\n\n'
+        '{"id": "b", "image": "d/b.png", "prompt": "a photo of b"}\n')
+    key = [(i.id, i.prompt, i.image.resolve()) for i in bulk.read_image_items(data)]
+    for manifest in ("m.csv", "m.jsonl"):
+        items = bulk.read_image_items(tmp_path / manifest)
+        assert [(i.id, i.prompt, i.image.resolve()) for i in items] == key
+
+
+@pytest.mark.parametrize("text, match", [
+    ('{"id": "a", "image": "x.png"}\n{"id": "a", "image": "y.png"}\n', "duplicated: 'a'"),
+    ('{"id": "a", "image": "x.png"}\nnot json\n', "line 2: not valid JSON"),
+    ('{"id": "a", "prompt": "p"}\n', "line 1: no 'image' field"),
+    ('{"id": "../a", "image": "x.png"}\n', "bad item id '../a'"),
+])
+def test_malformed_manifest_fails_before_any_work(tmp_path, text, match, capsys):
+    (tmp_path / "m.jsonl").write_text(text)
+    with pytest.raises(bulk.BulkError, match=match):
+        bulk.read_image_items(tmp_path / "m.jsonl")
+    assert main(["invert-dataset", "--data", str(tmp_path / "m.jsonl"), "--out",
+                 str(tmp_path / "out"), *RUN]) == 2
+    assert match.split(":")[0] in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_one_step_inversion_is_refused(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["invert-dataset", "--data", str(data), "--out", str(out), "--steps", "1",
+                 "--no-progress"]) == 2
+    assert "--steps must be at least 2" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("args", [["--size", "0"], ["--size", "3x4x5"], ["--shards", "0"],
+                                  ["--threads", "-1"]])
+def test_bad_options(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["invert-dataset", "--data", "d", "--out", "o", *args])
+    assert exc.value.code == 2 and "error: argument --" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["regenerate-dataset", "--pairs", "p", "--out", "o", "--save", "pixels"])
