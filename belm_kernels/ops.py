@@ -238,7 +238,9 @@ def _as_coef(coef, x: torch.Tensor, inverse: bool) -> torch.Tensor:
     if not (coef.shape == (3,) or (coef.dim() == 2 and coef.shape == (batch, 3))):
         expected = "(3,)" if batch is None else f"(3,) or ({batch}, 3)"
         raise ValueError(f"coef must have shape {expected}, got {tuple(coef.shape)}")
-    return coef.to(ct).contiguous()
+    if coef.dtype != ct:
+        coef = coef.to(ct)
+    return coef if coef.is_contiguous() else coef.contiguous()
 
 
 def _raise_not_invertible(what: str):
@@ -254,23 +256,12 @@ def _check_invertible(coef: torch.Tensor) -> None:
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
-    """[lo, hi) byte addresses that t's elements span (t non-empty)."""
+    """[lo, hi) byte addresses that t's elements span (t non-empty; strides are never negative)."""
     lo = t.data_ptr()
     if t.is_contiguous():
         return lo, lo + t.nbytes
-    hi = lo
-    for n, s in zip(t.shape, t.stride()):
-        ext = (n - 1) * s * t.element_size()
-        lo, hi = (lo + ext, hi) if ext < 0 else (lo, hi + ext)
-    return lo, hi + t.element_size()
-
-
-def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """True when the memory spans of a and b intersect (conservative for interleaved views)."""
-    if a.numel() == 0 or b.numel() == 0:
-        return False
-    (a0, a1), (b0, b1) = _span(a), _span(b)
-    return a0 < b1 and b0 < a1
+    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    return lo, lo + (last + 1) * t.element_size()
 
 
 def _overlaps_itself(t: torch.Tensor) -> bool:
@@ -299,9 +290,14 @@ def _check_at_run_time(x, y, z, coef, inverse: bool) -> None:
         raise ValueError("x has internally overlapping memory (an expanded view, or strides that "
                          "reach one address twice); an in-place update needs one element per "
                          "address")
-    for name, t in (("y", y), ("z", z), ("coef", coef)):
-        if _overlap(x, t):
-            raise ValueError(f"x must not share memory with {name} (x is written in place)")
+    if x.numel():  # memory spans are compared: conservative for interleaved views
+        x0, x1 = _span(x)
+        for name, t in (("y", y), ("z", z), ("coef", coef)):
+            if t.numel():
+                t0, t1 = _span(t)
+                if x0 < t1 and t0 < x1:
+                    raise ValueError(f"x must not share memory with {name} (x is written in "
+                                     "place)")
     if inverse and coef.device.type == "cpu":  # on a GPU this would cost a device sync
         _check_invertible(coef)
 
@@ -317,10 +313,11 @@ def _apply(x, y, z, coef, backend, inverse: bool) -> torch.Tensor:
         raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {backend!r}")
     coef = _check_args(x, y, z, coef, inverse)
     name = _resolve_name(backend, x.device, x.dtype)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, z, coef)):
-        x.copy_(torch.ops.belm.lincomb3(x, y, z, coef, inverse, name))
+    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or z.requires_grad
+                                    or coef.requires_grad):
+        x.copy_(torch.ops.belm.lincomb3.default(x, y, z, coef, inverse, name))
     else:
-        torch.ops.belm.lincomb3_(x, y, z, coef, inverse, name)
+        torch.ops.belm.lincomb3_.default(x, y, z, coef, inverse, name)
     return x
 
 

@@ -687,7 +687,7 @@ def _reference_grads(op, w, y, z, coef, weight):
     float64, and the scale of the coefficient gradients' float32 sums: per coefficient row,
     sum |weight * t| over its elements (t = w, y, z), divided by |a| for the inverse."""
     w, y, z, coef = (t.detach().clone().requires_grad_() for t in (w, y, z, coef))
-    a, b, c = _columns64(coef, w)
+    a, b, c = coef_columns(coef, w)
     wd, yd, zd = w.double(), y.double(), z.double()
     out = (wd - b * yd - c * zd) / a if op == "inverse" else a * wd + b * yd + c * zd
     (out * weight.double()).sum().backward()
@@ -698,13 +698,6 @@ def _reference_grads(op, w, y, z, coef, weight):
     if op == "inverse":
         scale = scale / coef.detach().double()[..., :1].abs()
     return (w.grad, y.grad, z.grad, coef.grad), scale.detach()
-
-
-def _columns64(coef, x):
-    c = coef.double()
-    if c.dim() == 2:
-        c = c.reshape((c.shape[0],) + (1,) * (x.dim() - 1) + (3,))
-    return c.unbind(-1)
 
 
 @parametrize_backends
