@@ -17,11 +17,11 @@ are 16-byte aligned (Triton specialises the kernel on that), whatever the elemen
 partial block is masked. How a program finds its coefficients (the ROWS constexpr):
 
 * "shared": one (3,) row, three scalar loads;
-* "long": per-sample rows of at least LONG_ROWS_MIN elements. One program per block of a row, so the
-  row costs one 32-bit division per program and three scalar loads. Each row's body starts at its
-  first element whose offset is a multiple of the vector length, so 16-byte alignment holds for
-  any row length; the up to VEC - 1 elements before it are done, masked, by the row's first
-  program;
+* "long": per-sample rows of at least LONG_ROWS_MIN elements. One program per block of a row, so
+  the row costs one 32-bit division per program and three scalar loads. Each row's body starts
+  at its first element whose offset is a multiple of the vector length, so 16-byte alignment
+  holds for any row length; the up to VEC - 1 elements before it are done, masked, by the row's
+  first program;
 * "short": shorter per-sample rows (many small samples). One program per block of elements; each
   lane finds its row with a 32-bit division and gathers its three coefficients from the (cached)
   table.
@@ -33,16 +33,18 @@ checks the PTX (vector widths, the division, 64-bit offsets, no spills or shared
 Launch configuration. Without autotuning every launch uses DEFAULT_CONFIG, 1024 elements per
 program with 4 warps: 8 elements per thread, i.e. at least one 16-byte access of x and y per
 thread for every dtype. That is used for tensors below AUTOTUNE_MIN_NUMEL elements (their time is
-launch latency), for per-sample rows shorter than LONG_ROWS_MIN, in the interpreter, during CUDA-graph
-capture (autotuning times the kernel, which capture forbids: warm up before capturing) and with
-BELM_TRITON_AUTOTUNE=0. Larger tensors on a GPU are autotuned per (x dtype, z dtype, power-of-two
-size bucket) over ``autotune_configs``; x is restored after each timed run. None of these configurations was timed on a GPU when this was
-written: the GPU benchmark under bench/ must confirm them.
+launch latency), for per-sample rows shorter than LONG_ROWS_MIN, in the interpreter, during
+CUDA-graph capture (autotuning times the kernel, which capture forbids: warm up before capturing)
+and with BELM_TRITON_AUTOTUNE=0. Larger tensors on a GPU are autotuned per (x dtype, z dtype,
+power-of-two size bucket) over ``autotune_configs``; x is restored after each timed run. None of
+these configurations was timed on a GPU when this was written: the GPU benchmark under bench/
+must confirm them.
 
 The launcher, ``run``, takes already validated arguments (belm_kernels.ops checks them): it is
-the "triton" backend's kernel, called by the ops ``belm::lincomb3_`` / ``belm::lincomb3``. On CPU tensors it runs through
-Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is first imported).
-Importing this module never fails: without triton, ``unavailable_reason`` says why.
+the "triton" backend's kernel, called by the ops ``belm::lincomb3_`` and ``belm::lincomb3``. On
+CPU tensors it runs through Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is
+first imported). Importing this module never fails: without triton, ``unavailable_reason`` says
+why.
 """
 
 from __future__ import annotations
@@ -77,8 +79,9 @@ def _autotune_enabled() -> bool:
 
 def autotune_configs(x_dtype: torch.dtype, z_dtype: torch.dtype) -> list[tuple[int, int]]:
     """(BLOCK, num_warps) candidates for autotuning: each thread moves 16 or 32 bytes of x and y,
-    with 4 or 8 warps; a z wider than x is capped at 64 bytes per thread. No candidate spills or
-    needs more than 64 registers on sm_80/sm_90 (tests/test_codegen.py checks a bound)."""
+    with 4 or 8 warps; a z wider than x is capped at 64 bytes per thread. None spills, and the
+    heaviest needs under 70 registers on sm_80/sm_90 (bench/results/codegen_sm80_sm90.md;
+    tests/test_codegen.py checks both)."""
     configs = []
     for nbytes in _BYTES_PER_THREAD:
         per_thread = nbytes // x_dtype.itemsize

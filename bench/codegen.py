@@ -88,14 +88,14 @@ def main() -> int:
     lines = ["# What the compilers make of the GPU code (sm_80, sm_90), compiled without a GPU", "",
              *(f"- **{k}**: {v}" for k, v in info.items()),
              "- **command**: `python bench/codegen.py`", "",
-             "Triton: `triton.compile(ASTSource(...), target=GPUTarget('cuda', arch, 32))` with the "
-             "signature, constexprs and pointer alignment Triton's launcher gives each variant; "
-             "registers/stack/shared from Triton's bundled `cuobjdump -res-usage`, accesses from "
-             "the PTX (`op.bits x count`: global loads `ld` / stores `st` of that width per "
-             "thread and program; unmasked = no predicate = the body). Variant ids: arch, x "
-             "dtype, z dtype, direction, coefficient rows (shared, long: per-sample rows of at "
-             "least 4096 elements, short: shorter ones), BLOCK x warps, `-unaligned` for x/y/z "
-             "not 16-byte aligned (the fallback). Checked by tests/test_codegen.py.",
+             "Triton: `triton.compile(ASTSource(...), target=GPUTarget('cuda', arch, 32))` with "
+             "the signature, constexprs and pointer alignment Triton's launcher gives each "
+             "variant; registers/stack/shared from Triton's bundled `cuobjdump -res-usage`, "
+             "accesses from the PTX (`op.bits x count`: global loads `ld` / stores `st` of that "
+             "width per thread and program; unmasked = no predicate = the body). Variant ids: "
+             "arch, x dtype, z dtype, direction, coefficient rows (shared, long: per-sample rows "
+             "of at least 4096 elements, short: shorter ones), BLOCK x warps, `-unaligned` for "
+             "x/y/z not 16-byte aligned (the fallback). Checked by tests/test_codegen.py.",
              "", "## CUDA C++ kernels (ptxas -v)", ""]
     lines += cuda_table(cuda[0]) if cuda else ["nvcc not found: not compiled."]
     lines += ["", f"## Triton variants ({len(triton['variants'])})", "", *triton_table(triton)]

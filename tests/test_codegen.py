@@ -19,8 +19,8 @@ representative ones on both archs):
 
 On each: compiles; the mask-free body's global accesses are exactly the expected vectors (128
 bits for x and y, 16 bytes' worth of x's elements for z, e.g. 64 bits of float16 next to a
-float32 x) plus the coefficient loads (aligned variants); the inverse divides with ``div.rn`` (never the
-approximate ``div.full``/``div.approx``) and the forward multiplies with ``mul.rn`` (no
+float32 x) plus the coefficient loads (aligned variants); the inverse divides with ``div.rn``
+(never the approximate ``div.full``/``div.approx``) and the forward multiplies with ``mul.rn`` (no
 contraction); every tensor of pointers is offset by 64-bit integers (TTIR); no local memory, no
 stack (spills), no shared memory (no layout conversion), and at most MAX_REGISTERS registers.
 

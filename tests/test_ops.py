@@ -467,7 +467,8 @@ def _bad_inputs():
                      lambda args: (tuple(t.to("meta") for t in args), {})),
         "x-sparse": (TypeError, r"x must be a dense \(strided\) tensor, got layout torch.sparse",
                      arg(0, lambda t: t.to_sparse())),
-        "z-sparse": (TypeError, r"z must be a dense \(strided\) tensor", arg(2, lambda t: t.to_sparse())),
+        "z-sparse": (TypeError, r"z must be a dense \(strided\) tensor",
+                     arg(2, lambda t: t.to_sparse())),
     }
 
 
