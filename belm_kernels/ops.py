@@ -1,22 +1,48 @@
-"""The fused three-term update and its inverse, with argument checks and backend dispatch.
+"""The fused three-term update and its inverse: public functions, the validator, the dispatch and
+the torch reference.
 
     lincomb3_(x, y, z, coef)          x <- a*x + b*y + c*z
     lincomb3_inverse_(x, y, z, coef)  x <- (x - b*y - c*z) / a
 
-Every backend implements one function ``run(x, y, z, coef, inverse)`` that receives arguments
-already validated here: x, y same shape/dtype/device, z same shape and device with any float dtype,
-coef a contiguous (3,) or (B, 3) tensor on x's device in x's compute dtype (float32, or float64
-for float64 x). Backends live in their own modules and are imported lazily, so a missing Triton
-or a failed extension build never breaks ``import belm_kernels``.
+The path of a call, top to bottom (each step in this module unless named):
 
-Aliasing rule: x must not share memory with y or z (the update is elementwise, but a backend may
-read y/z after writing x in another thread block). y and z may alias each other.
+1. ``_check_args``: x, y, z are dense float tensors with data, of one shape and device (y of x's
+   dtype, z of any float dtype); coef becomes a contiguous (3,) or (B, 3) tensor on x's device in
+   x's compute dtype (float32, or float64 for float64 x). ``_resolve_name`` turns the backend
+   name ("auto" or explicit) into one that is available here and supports x's dtype.
+2. The registered op ``belm::lincomb3_`` (x mutated in place). When autograd has to record the
+   update (grad mode on and an argument requires grad), ``x.copy_(belm::lincomb3(...))`` instead:
+   the same update out of place, whose backward is registered below, so gradients are right on
+   every backend and torch's in-place rules (a leaf that requires grad) apply before any write.
+3. The op's implementation, ``_run``: ``_check_at_run_time`` (memory overlap, inference tensors,
+   a zero leading coefficient of the inverse) and then the backend's kernel: ``torch_update``
+   here, ``triton_kernels.run``, or the C++/CUDA op ``belm::lincomb3_ext`` (extension.py).
+
+Step 1 runs while torch.compile traces (its results are guarded); step 3 runs whenever the op
+runs, eager or compiled, so no check is lost under torch.compile. (Inductor, the default compiler
+backend, hands the op the caller's x; ``aot_eager`` runs the functionalized graph as is and hands
+it a copy of x, whose overlap checks then see the copy: the update is computed out of place there
+and stays well defined.) The C++/CUDA kernels keep their own memory-safety checks for direct calls
+of ``torch.ops.belm.lincomb3_ext``.
+
+Backends live in their own modules and are imported lazily, so a missing Triton or a failed
+extension build never breaks ``import belm_kernels``.
+
+Aliasing: x must not share memory with y, z or coef (the update is elementwise, but a kernel may
+read them after writing x in another thread block); y and z may alias each other. Memory is
+compared by byte spans, so two interleaved views that never touch the same element (x = t[::2],
+y = t[1::2]) are rejected too. x must not overlap itself: expanded views and views whose strides
+provably reach one address twice are rejected (a stride that is k times another, k smaller than
+the size of the dimension with the smaller stride; or a span shorter than the element count). Not
+detected: a collision that needs three or more dimensions (sizes (2, 2, 2), strides (2, 3, 5):
+2 + 3 = 5); torch's own in-place ops do not detect it either. Such an x gives undefined results.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import itertools
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -47,7 +73,7 @@ class Backend(Protocol):
 
     def run(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, coef: torch.Tensor,
             inverse: bool) -> None:
-        """Apply the update to x in place; arguments are already validated."""
+        """The kernel: apply the update to x in place; arguments are already validated."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,6 +91,25 @@ def coef_table(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return rows.to(device=like.device, dtype=compute_dtype(like.dtype)).contiguous()
 
 
+def _columns(coef: torch.Tensor, x: torch.Tensor):
+    """(a, b, c), each broadcastable against x: (B, 3) -> (B, 1, ..., 1) per column."""
+    return coef.reshape(coef.shape[:-1] + (1,) * (x.dim() - coef.dim() + 1) + (3,)).unbind(-1)
+
+
+def torch_update(x, y, z, coef, inverse) -> None:
+    """The reference kernel: plain torch ops in the compute dtype, one rounding to x's dtype."""
+    ct = compute_dtype(x.dtype)
+    a, b, c = _columns(coef, x)
+    # One working copy, updated in place (no temporaries per term), then one rounding.
+    result = x.to(ct, copy=True)
+    yf, zf = y.to(ct), z.to(ct)
+    if inverse:
+        result.addcmul_(b, yf, value=-1).addcmul_(c, zf, value=-1).div_(a)
+    else:
+        result.mul_(a).addcmul_(b, yf).addcmul_(c, zf)
+    x.copy_(result)
+
+
 class _TorchBackend:
     name = "torch"
     dtypes = FLOAT_DTYPES
@@ -72,19 +117,7 @@ class _TorchBackend:
     def unavailable_reason(self, device: torch.device) -> str | None:
         return None
 
-    def run(self, x, y, z, coef, inverse):
-        ct = compute_dtype(x.dtype)
-        # (B, 3) -> (B, 1, ..., 1) per column so each row scales its own sample.
-        cols = coef.reshape(coef.shape[:-1] + (1,) * (x.dim() - coef.dim() + 1) + (3,)).unbind(-1)
-        a, b, c = cols
-        # One working copy, updated in place (no temporaries per term), then one rounding.
-        result = x.to(ct, copy=True)
-        yf, zf = y.to(ct), z.to(ct)
-        if inverse:
-            result.addcmul_(b, yf, value=-1).addcmul_(c, zf, value=-1).div_(a)
-        else:
-            result.mul_(a).addcmul_(b, yf).addcmul_(c, zf)
-        x.copy_(result)
+    run = staticmethod(torch_update)
 
 
 torch_backend = _TorchBackend()
@@ -127,6 +160,7 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 
 @functools.lru_cache(maxsize=None)
 def _resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    """The backend that runs: ``name`` itself, checked, or the first suitable one for "auto"."""
     if name == "auto":
         for candidate in AUTO_ORDER.get(device.type, ("torch",)):
             if _reason(candidate, device) is None and dtype in get_backend(candidate).dtypes:
@@ -148,23 +182,7 @@ def _resolve_name(name: str, device: torch.device, dtype: torch.dtype) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Validation.
-
-
-def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """True when the memory spans of a and b intersect (conservative for interleaved views)."""
-    if a.numel() == 0 or b.numel() == 0:
-        return False
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return False
-
-    def span(t):
-        lo = t.storage_offset() + sum(min(0, (n - 1) * s) for n, s in zip(t.shape, t.stride()))
-        hi = t.storage_offset() + sum(max(0, (n - 1) * s) for n, s in zip(t.shape, t.stride()))
-        return lo * t.element_size(), (hi + 1) * t.element_size()
-
-    (a0, a1), (b0, b1) = span(a), span(b)
-    return a0 < b1 and b0 < a1
+# Validation: what the op call needs (step 1) and what only the run can check (step 3).
 
 
 def check_like(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:
@@ -175,10 +193,14 @@ def check_like(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> 
             raise ValueError(f"{name} must have {ref_name}'s {what} {want}, got {got}")
 
 
-def _check_tensors(x, y, z) -> None:
+def _check_args(x, y, z, coef, inverse: bool) -> torch.Tensor:
+    """Step 1: raise unless x, y, z and coef can form an op call; returns coef as a contiguous
+    tensor in x's compute dtype on x's device. Looks at metadata only (traceable)."""
     for name, t in (("x", x), ("y", y), ("z", z)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must have a float dtype {FLOAT_DTYPES}, got {t.dtype}")
     if y.dtype != x.dtype:
@@ -188,18 +210,13 @@ def _check_tensors(x, y, z) -> None:
             raise ValueError(f"{name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
-    if torch.compiler.is_compiling():
-        return  # memory layout checks need real storage; they ran in eager mode
-    if x.numel() > 1 and torch._debug_has_internal_overlap(x) == 1:
-        raise ValueError("x has internally overlapping memory (an expanded view?); "
-                         "an in-place update needs one element per address")
-    for name, t in (("y", y), ("z", z)):
-        if _overlap(x, t):
-            raise ValueError(f"x must not share memory with {name} (x is written in place)")
+    if x.is_meta:
+        raise ValueError("x, y and z are meta tensors (shape and dtype only, no data); the "
+                         "update needs tensors with data")
+    return _as_coef(coef, x, inverse)
 
 
-def _as_coef(coef, x: torch.Tensor) -> torch.Tensor:
-    """Validate coef and return it contiguous, on x's device, in x's compute dtype."""
+def _as_coef(coef, x: torch.Tensor, inverse: bool) -> torch.Tensor:
     ct = compute_dtype(x.dtype)
     if isinstance(coef, torch.Tensor):
         if not coef.is_floating_point():
@@ -209,6 +226,10 @@ def _as_coef(coef, x: torch.Tensor) -> torch.Tensor:
                              f"new values), got {coef.device}")
     elif isinstance(coef, Sequence) and len(coef) == 3 and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in coef):
+        # Checked here, on the host, whatever x's device. float32 rounds |a| <= 2^-150 (half
+        # its smallest subnormal; ties to even) to 0: plain float arithmetic, traceable.
+        if inverse and (coef[0] == 0 or (ct == torch.float32 and abs(coef[0]) <= 2.0 ** -150)):
+            _raise_not_invertible(f"{coef[0]!r}, which is 0 in {ct}")
         coef = torch.tensor([float(v) for v in coef], dtype=ct, device=x.device)
     else:
         raise TypeError(f"coef must be a float tensor of shape (3,) or (B, 3), or a sequence of "
@@ -217,35 +238,86 @@ def _as_coef(coef, x: torch.Tensor) -> torch.Tensor:
     if not (coef.shape == (3,) or (coef.dim() == 2 and coef.shape == (batch, 3))):
         expected = "(3,)" if batch is None else f"(3,) or ({batch}, 3)"
         raise ValueError(f"coef must have shape {expected}, got {tuple(coef.shape)}")
-    return coef.to(ct).contiguous()
+    if coef.dtype != ct:
+        coef = coef.to(ct)
+    return coef if coef.is_contiguous() else coef.contiguous()
 
 
-def _check_invertible(coef) -> None:
-    # Only where it costs no device sync; on a GPU a zero leading coefficient yields inf/nan.
-    if isinstance(coef, torch.Tensor):
-        if coef.device.type != "cpu" or torch.compiler.is_compiling():
-            return
-        zero = bool((coef[..., 0] == 0).any())
-    else:
-        zero = coef[0] == 0
-    if zero:
-        raise ValueError("coef[..., 0] must be nonzero for lincomb3_inverse_ "
-                         "(the update with a zero leading coefficient is not invertible)")
+def _raise_not_invertible(what: str):
+    raise ValueError("coef[..., 0] must be nonzero for lincomb3_inverse_ (the update with a zero "
+                     f"leading coefficient is not invertible); got {what}")
 
 
-def _apply(x, y, z, coef, backend: str, inverse: bool) -> torch.Tensor:
-    _check_tensors(x, y, z)
-    checked = _as_coef(coef, x)
-    if inverse:  # a sequence of floats is checked on the host, before it moves to x's device
-        _check_invertible(checked if isinstance(coef, torch.Tensor) else coef)
-    coef = checked
+def _check_invertible(coef: torch.Tensor) -> None:
+    """coef in the compute dtype on the CPU: its leading coefficients, as the kernels see them
+    (after rounding: 1e-300 is 0 in float32), must be nonzero."""
+    if bool((coef[..., 0] == 0).any()):
+        _raise_not_invertible(f"{coef[..., 0].tolist()} in {coef.dtype}")
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[lo, hi) byte addresses that t's elements span (t non-empty; strides are never negative)."""
+    lo = t.data_ptr()
+    if t.is_contiguous():
+        return lo, lo + t.nbytes
+    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    return lo, lo + (last + 1) * t.element_size()
+
+
+def _overlaps_itself(t: torch.Tensor) -> bool:
+    """True when t's strides provably map two indices to one address (see the module docstring
+    for what this does not detect)."""
+    if t.is_contiguous():
+        return False
+    dims = [(n, s) for n, s in zip(t.shape, t.stride()) if n > 1]
+    if any(s == 0 for _, s in dims):  # an expanded dimension
+        return True
+    for (n1, s1), (n2, s2) in itertools.permutations(dims, 2):
+        if s1 <= s2 and s2 % s1 == 0 and s2 // s1 < n1:  # index s2/s1 of dim 1 == index 1 of dim 2
+            return True
+    span = 1 + sum((n - 1) * s for n, s in dims)
+    return span < t.numel()  # more elements than addresses
+
+
+def _check_at_run_time(x, y, z, coef, inverse: bool) -> None:
+    """Step 3: the checks that need real storage, values or the run's mode; run by the op's
+    implementation (eager and compiled alike) before any write."""
+    if x.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError("x is an inference tensor (created under torch.inference_mode) and "
+                           "cannot be updated in place outside inference mode; run the update "
+                           "under torch.inference_mode() or pass x.clone()")
+    if x.numel() > 1 and _overlaps_itself(x):
+        raise ValueError("x has internally overlapping memory (an expanded view, or strides that "
+                         "reach one address twice); an in-place update needs one element per "
+                         "address")
+    if x.numel():  # memory spans are compared: conservative for interleaved views
+        x0, x1 = _span(x)
+        for name, t in (("y", y), ("z", z), ("coef", coef)):
+            if t.numel():
+                t0, t1 = _span(t)
+                if x0 < t1 and t0 < x1:
+                    raise ValueError(f"x must not share memory with {name} (x is written in "
+                                     "place)")
+    if inverse and coef.device.type == "cpu":  # on a GPU this would cost a device sync
+        _check_invertible(coef)
+
+
+# --------------------------------------------------------------------------------------------
+# Public functions.
+
+
+def _apply(x, y, z, coef, backend, inverse: bool) -> torch.Tensor:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {backend!r}")
-    impl = _LOADED[_resolve_name(backend, x.device, x.dtype)]
-    if x.numel():
-        impl.run(x, y, z, coef, inverse)
+    coef = _check_args(x, y, z, coef, inverse)
+    name = _resolve_name(backend, x.device, x.dtype)
+    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or z.requires_grad
+                                    or coef.requires_grad):
+        x.copy_(torch.ops.belm.lincomb3.default(x, y, z, coef, inverse, name))
+    else:
+        torch.ops.belm.lincomb3_.default(x, y, z, coef, inverse, name)
     return x
 
 
@@ -255,7 +327,9 @@ def lincomb3_(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, coef, *,
 
     coef is a float tensor of shape (3,) or (B, 3) with B = x.shape[0], on x's device, or a
     sequence of three floats. z may have another float dtype than x. Math in float32 (float64 for
-    float64 x), rounded once to x's dtype. Every check runs before x is written.
+    float64 x), rounded once to x's dtype. Every check runs before x is written, under
+    torch.compile too. Differentiable in x, y, z and coef (when autograd records the update, it
+    runs out of place and is copied into x: one extra pass).
     """
     return _apply(x, y, z, coef, backend, inverse=False)
 
@@ -264,20 +338,83 @@ def lincomb3_inverse_(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, coef, *
                       backend: str = "auto") -> torch.Tensor:
     """In place: ``x <- (x - coef[..., 1] * y - coef[..., 2] * z) / coef[..., 0]``; returns x.
 
-    Undoes :func:`lincomb3_` with the same y, z and coef. A zero leading coefficient is rejected
-    when coef lives on the CPU; on a GPU that check would cost a sync, so it yields inf/nan instead.
+    Undoes :func:`lincomb3_` with the same y, z and coef. A zero leading coefficient (after
+    rounding to the compute dtype) is rejected when coef is a sequence or lives on the CPU; on a
+    GPU that check would cost a device sync, so it yields inf/nan instead.
     """
     return _apply(x, y, z, coef, backend, inverse=True)
 
 
 # --------------------------------------------------------------------------------------------
-# torch.library ops of the compiled backends. The schema is defined once, here; the kernels are
-# registered elsewhere: belm::lincomb3_triton by triton_kernels.py (CUDA, and CPU under
-# TRITON_INTERPRET=1), belm::lincomb3_ext by the C++ extension (TORCH_LIBRARY_IMPL for CPU/CUDA).
-# Both mutate x and return nothing, so their fake kernel has nothing to compute.
+# torch.library ops. belm::lincomb3_ and belm::lincomb3 are implemented here, for every device
+# (CompositeExplicitAutograd), by _run; belm::lincomb3_ext is implemented by the C++ extension
+# (TORCH_LIBRARY_IMPL for CPU/CUDA) and is the kernel of the "cpu" and "cuda" backends.
 
-OP_SCHEMA = "(Tensor(a!) x, Tensor y, Tensor z, Tensor coef, bool inverse) -> ()"
 _lib = torch.library.Library("belm", "DEF")
-for _op_name in ("lincomb3_triton", "lincomb3_ext"):
-    _lib.define(_op_name + OP_SCHEMA)
-    torch.library.register_fake(f"belm::{_op_name}", lambda x, y, z, coef, inverse: None, lib=_lib)
+_lib.define("lincomb3_(Tensor(a!) x, Tensor y, Tensor z, Tensor coef, bool inverse, str backend)"
+            " -> ()")
+_lib.define("lincomb3(Tensor x, Tensor y, Tensor z, Tensor coef, bool inverse, str backend)"
+            " -> Tensor")
+_lib.define("lincomb3_ext(Tensor(a!) x, Tensor y, Tensor z, Tensor coef, bool inverse) -> ()")
+
+
+def _run(x, y, z, coef, inverse, backend) -> None:
+    _check_at_run_time(x, y, z, coef, inverse)
+    get_backend(backend).run(x, y, z, coef, inverse)
+
+
+def _run_out_of_place(x, y, z, coef, inverse, backend) -> torch.Tensor:
+    _check_at_run_time(x, y, z, coef, inverse)
+    out = x.clone(memory_format=torch.contiguous_format)
+    get_backend(backend).run(out, y, z, coef, inverse)
+    return out
+
+
+torch.library.impl("belm::lincomb3_", "CompositeExplicitAutograd", _run, lib=_lib)
+torch.library.impl("belm::lincomb3", "CompositeExplicitAutograd", _run_out_of_place, lib=_lib)
+torch.library.register_fake("belm::lincomb3_", lambda x, y, z, coef, inverse, backend: None,
+                            lib=_lib)
+torch.library.register_fake(
+    "belm::lincomb3",
+    lambda x, y, z, coef, inverse, backend: torch.empty_like(
+        x, memory_format=torch.contiguous_format), lib=_lib)
+torch.library.register_fake("belm::lincomb3_ext", lambda x, y, z, coef, inverse: None, lib=_lib)
+
+
+# Backward of belm::lincomb3. With s = sums over each coefficient row's elements:
+#   forward  out = a x + b y + c z:    dx = a g, dy = b g, dz = c g,
+#                                      d(a, b, c) = s(g x), s(g y), s(g z)
+#   inverse  out = (x - b y - c z)/a:  with h = g / a: dx = h, dy = -b h, dz = -c h,
+#                                      d(a, b, c) = -s(h out), -s(h y), -s(h z)
+
+def _setup_context(ctx, inputs, output):
+    x, y, z, coef, inverse, _ = inputs
+    ctx.inverse = inverse
+    ctx.dtypes = (x.dtype, z.dtype)
+    need_coef = ctx.needs_input_grad[3]
+    # The forward's d(a) needs x as it was: x is overwritten by the caller's copy_, so keep a
+    # copy (only when coef needs a gradient).
+    first = (output if inverse else x.detach().clone()) if need_coef else None
+    ctx.save_for_backward(coef, first, y if need_coef else None, z if need_coef else None)
+
+
+def _backward(ctx, grad):
+    coef, first, y, z = ctx.saved_tensors
+    x_dtype, z_dtype = ctx.dtypes
+    a, b, c = _columns(coef, grad)
+    g = grad.to(coef.dtype)
+    if ctx.inverse:
+        g = g / a
+        dx, dy, dz = g, -b * g, -c * g
+    else:
+        dx, dy, dz = a * g, b * g, c * g
+    dcoef = None
+    if ctx.needs_input_grad[3]:
+        dims = tuple(range(1 if coef.dim() == 2 else 0, grad.dim()))
+        sums = [(g * t.to(coef.dtype)).sum(dim=dims) for t in (first, y, z)]
+        dcoef = torch.stack([-s for s in sums] if ctx.inverse else sums, dim=-1)
+    return dx.to(x_dtype), dy.to(x_dtype), dz.to(z_dtype), dcoef, None, None
+
+
+torch.library.register_autograd("belm::lincomb3", _backward, setup_context=_setup_context,
+                                lib=_lib)

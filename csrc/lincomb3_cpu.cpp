@@ -9,6 +9,8 @@
 //
 // The schema is defined once, in Python (belm_kernels/ops.py); this file only registers the CPU
 // implementation (TORCH_LIBRARY_IMPL), so it must be loaded after belm_kernels.ops is imported.
+// A zero leading coefficient of the inverse is not checked here (ops.py does, where coef is on
+// the CPU): it gives inf/nan, as on the GPU.
 //
 // Paths:
 //   * contiguous x, y, z: one fused pass, at::parallel_for over the flat range (split at sample
@@ -597,7 +599,9 @@ bool is_supported_float(at::ScalarType t) {
 
 void lincomb3_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& z,
                   const at::Tensor& coef, bool inverse) {
-  // Every check runs before x is written.
+  // What keeps a direct call of the raw op memory-safe and well defined, before x is written.
+  // The user-facing validation (messages, a zero leading coefficient of the inverse, ...) is
+  // belm_kernels/ops.py's; this op is its "cpu" kernel.
   TORCH_CHECK(x.defined() && y.defined() && z.defined() && coef.defined(),
               "belm::lincomb3_ext: x, y, z and coef must be defined tensors");
   for (const at::Tensor* t : {&x, &y, &z, &coef}) {
@@ -636,17 +640,6 @@ void lincomb3_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& z,
   const at::ScalarType ct = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // coef is tiny ((3,) or (B, 3)): bring it to the compute dtype and contiguous for free.
   const at::Tensor c = coef.to(ct).contiguous();
-  if (inverse) {
-    const int64_t rows = c.numel() / 3;
-    AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "lincomb3_ext_check", [&] {
-      const scalar_t* cp = c.const_data_ptr<scalar_t>();
-      for (int64_t r = 0; r < rows; ++r) {
-        TORCH_CHECK(cp[3 * r] != 0,
-                    "belm::lincomb3_ext: coef[..., 0] must be nonzero for the inverse update "
-                    "(row ", r, " has a = 0)");
-      }
-    });
-  }
   if (x.numel() == 0) {
     return;
   }

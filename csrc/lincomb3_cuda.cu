@@ -1,6 +1,8 @@
 // CUDA implementation of belm::lincomb3_ext (the "cuda" backend of belm_kernels): the torch
 // glue around the kernels of lincomb3_cuda_kernels.cuh (argument checks, current stream, device
-// guard, registration). See that header for the arithmetic and the vector/strided paths.
+// guard, registration). See that header for the arithmetic and the rows/strided paths. The
+// checks here keep a direct call of the raw op memory-safe; the user-facing validation is
+// belm_kernels/ops.py's, which calls this op as the "cuda" backend's kernel.
 //
 // Written against torch's stable C ABI only (torch/csrc/stable, torch/headeronly, the AOTI shim)
 // and the CUDA headers, so it compiles with plain nvcc against the headers of a CPU build of

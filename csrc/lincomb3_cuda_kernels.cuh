@@ -12,17 +12,23 @@
 // (__float2half_rn / __float2bfloat16_rn: round to nearest even).
 //
 // Paths (chosen by plan()):
-//   * vector: x, y, z contiguous and 16-byte aligned (and, with per-sample coefficients, rows a
-//     multiple of the pack length): each thread moves 16 bytes of x and y per step (128-bit
-//     loads and stores); z's pack holds as many elements, so 4 to 64 bytes in pieces of at most
-//     16 bytes; the last numel % pack elements are done one per thread by the first threads;
-//   * strided: everything else (unaligned views, transposes, channels-last, slices), element by
-//     element with 64-bit offsets from up to kMaxDims sizes/strides passed by value (after
-//     dropping size-1 dimensions and merging dimensions contiguous with their neighbour in all
-//     three tensors, so the limit is on genuinely strided dimensions; beyond it plan() fails
-//     with a message naming the workaround).
-// All indexing is 64-bit; the coefficient row of element i is i / inner (inner = numel / B),
-// with a 32-bit division when numel < 2^32.
+//   * rows: x, y, z contiguous, and a shared coef or per-sample rows of at least kThreads packs.
+//     The work is split into coefficient rows (1 for a shared (3,) coef, B for a per-sample
+//     (B, 3) one, each covering `inner` consecutive elements): blockIdx.y walks the rows
+//     (grid-stride), so a thread loads its row's three coefficients once and never divides to
+//     find them. When x, y, z are 16-byte aligned and every row starts on a pack boundary (a
+//     single row, or inner a multiple of the pack length), the vector variant moves 16 bytes of
+//     x and y per thread and step (128-bit loads and stores; z's pack holds as many elements,
+//     so 4 to 64 bytes in pieces of at most 16 bytes) and the last inner % pack elements of a
+//     row are done one per thread by its first threads; otherwise the scalar variant goes
+//     element by element, still without divisions;
+//   * strided: everything else (transposes, channels-last, slices, shorter per-sample rows),
+//     element by element with 64-bit offsets from up to kMaxDims sizes/strides passed by value
+//     (after dropping size-1 dimensions and merging dimensions contiguous with their neighbour
+//     in all three tensors, so the limit is on genuinely strided dimensions; beyond it plan()
+//     fails with a message naming the workaround). The coefficient row of element i is
+//     i / inner there, with a 32-bit division when numel < 2^32.
+// All indexing is 64-bit.
 
 #pragma once
 
@@ -149,6 +155,8 @@ struct StridedLayout {
   int64_t strides[3][kMaxDims];  // in elements, for x, y, z
 };
 
+enum class Path { kRowsVec, kRows, kStrided };
+
 struct Problem {
   DType xt, zt;
   void* x;
@@ -156,11 +164,12 @@ struct Problem {
   const void* z;
   const void* coef;  // compute dtype, contiguous, 3 or 3*B values, in device memory
   int64_t n;         // numel
-  int64_t inner;     // elements per coefficient row (n when coef is shared)
+  int64_t rows;      // coefficient rows: 1 (shared) or B (per sample)
+  int64_t inner;     // elements per coefficient row (n / rows)
   bool per_sample;
   bool inverse;
-  bool idx32;  // n < 2^32: 32-bit row divisions
-  bool vec;    // vector path, else strided path
+  bool idx32;  // n < 2^32: 32-bit row divisions (strided path)
+  Path path;
   StridedLayout layout;
 };
 
@@ -168,8 +177,9 @@ __host__ __device__ constexpr int pack_len(DType xt) {
   return xt == DType::kHalf || xt == DType::kBFloat16 ? 8 : xt == DType::kFloat ? 4 : 2;
 }
 
-// Fills pr->layout/vec/inner/idx32 from the logical sizes and element strides of x, y, z (the
-// caller has set the other fields). Returns nullptr, or why the kernels cannot take the tensors.
+// Fills pr->layout/rows/inner/idx32/path from the logical sizes and element strides of x, y, z
+// (the caller has set the other fields). Returns nullptr, or why the kernels cannot take the
+// tensors.
 __host__ inline const char* plan(Problem* pr, int ndim, const int64_t* sizes,
                                  const int64_t* x_strides, const int64_t* y_strides,
                                  const int64_t* z_strides) {
@@ -218,13 +228,19 @@ __host__ inline const char* plan(Problem* pr, int ndim, const int64_t* sizes,
       pr->layout.strides[k][d] = d < nd ? st[k][d] : 0;
     }
   }
-  pr->inner = pr->per_sample && ndim > 0 && sizes[0] > 0 ? n / sizes[0] : n;
+  pr->rows = pr->per_sample && ndim > 0 && sizes[0] > 0 ? sizes[0] : 1;
+  pr->inner = n / pr->rows;
   pr->idx32 = n <= static_cast<int64_t>(UINT32_MAX);
   const bool contiguous = nd == 1 && st[0][0] == 1 && st[1][0] == 1 && st[2][0] == 1;
   const bool aligned = reinterpret_cast<uintptr_t>(pr->x) % 16 == 0 &&
                        reinterpret_cast<uintptr_t>(pr->y) % 16 == 0 &&
                        reinterpret_cast<uintptr_t>(pr->z) % 16 == 0;
-  pr->vec = contiguous && aligned && (!pr->per_sample || pr->inner % pack_len(pr->xt) == 0);
+  // Rows shorter than one step of a block's packs would leave threads idle: flat, strided path.
+  const bool long_rows = pr->rows == 1 || pr->inner >= kThreads * pack_len(pr->xt);
+  const bool rows_aligned = pr->rows == 1 || pr->inner % pack_len(pr->xt) == 0;
+  pr->path = !contiguous || !long_rows ? Path::kStrided
+             : aligned && rows_aligned ? Path::kRowsVec
+                                       : Path::kRows;
   return nullptr;
 }
 
@@ -241,18 +257,14 @@ struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) Pack {
 
 template <typename XT, typename ZT>
 __host__ __device__ __forceinline__ void do_pack(XT* __restrict__ x, const XT* __restrict__ y,
-                                                 const ZT* __restrict__ z,
-                                                 const compute_t<XT>* __restrict__ coef,
-                                                 int64_t p, int64_t inner, bool per_sample,
-                                                 bool inverse, bool idx32) {
+                                                 const ZT* __restrict__ z, int64_t p,
+                                                 compute_t<XT> a, compute_t<XT> b,
+                                                 compute_t<XT> c, bool inverse) {
   using CT = compute_t<XT>;
   constexpr int kVec = 16 / sizeof(XT);
   using XPack = Pack<XT, kVec>;
   using ZPack = Pack<ZT, kVec>;
   static_assert(sizeof(XPack) == 16, "x/y packs must be 128-bit");
-  // A pack never straddles two rows: plan() takes this path only when inner % kVec == 0.
-  const CT* abc = per_sample ? coef + 3 * row_of(p * kVec, inner, idx32) : coef;
-  const CT a = abc[0], b = abc[1], c = abc[2];
   const XPack xv = reinterpret_cast<const XPack*>(x)[p];
   const XPack yv = reinterpret_cast<const XPack*>(y)[p];
   const ZPack zv = reinterpret_cast<const ZPack*>(z)[p];
@@ -267,18 +279,46 @@ __host__ __device__ __forceinline__ void do_pack(XT* __restrict__ x, const XT* _
   reinterpret_cast<XPack*>(x)[p] = out;
 }
 
-// Element i (flat logical index) at element offsets ox, oy, oz.
+// One element at element offsets ox, oy, oz.
 template <typename XT, typename ZT>
 __host__ __device__ __forceinline__ void do_element(XT* __restrict__ x, const XT* __restrict__ y,
-                                                    const ZT* __restrict__ z,
-                                                    const compute_t<XT>* __restrict__ coef,
-                                                    int64_t i, int64_t ox, int64_t oy,
-                                                    int64_t oz, int64_t inner, bool per_sample,
-                                                    bool inverse, bool idx32) {
+                                                    const ZT* __restrict__ z, int64_t ox,
+                                                    int64_t oy, int64_t oz, compute_t<XT> a,
+                                                    compute_t<XT> b, compute_t<XT> c,
+                                                    bool inverse) {
   using CT = compute_t<XT>;
-  const CT* abc = per_sample ? coef + 3 * row_of(i, inner, idx32) : coef;
   x[ox] = from_compute<XT>(combine(to_compute<CT>(x[ox]), to_compute<CT>(y[oy]),
-                                   to_compute<CT>(z[oz]), abc[0], abc[1], abc[2], inverse));
+                                   to_compute<CT>(z[oz]), a, b, c, inverse));
+}
+
+// Row r of the rows path, done by the `nthreads` threads numbered `t` = 0, 1, ...: packs (VEC)
+// or elements strided by nthreads, then (VEC) the row's last inner % pack elements.
+template <typename XT, typename ZT, bool VEC>
+__host__ __device__ __forceinline__ void do_row(XT* __restrict__ x, const XT* __restrict__ y,
+                                                const ZT* __restrict__ z,
+                                                const compute_t<XT>* __restrict__ coef, int64_t r,
+                                                int64_t inner, bool inverse, int64_t t,
+                                                int64_t nthreads) {
+  using CT = compute_t<XT>;
+  const CT a = coef[3 * r], b = coef[3 * r + 1], c = coef[3 * r + 2];
+  XT* xr = x + r * inner;
+  const XT* yr = y + r * inner;
+  const ZT* zr = z + r * inner;
+  int64_t first_element = 0;
+  if constexpr (VEC) {
+    constexpr int kVec = 16 / sizeof(XT);
+    const int64_t npacks = inner / kVec;
+    for (int64_t p = t; p < npacks; p += nthreads) {
+      do_pack<XT, ZT>(xr, yr, zr, p, a, b, c, inverse);
+    }
+    first_element = npacks * kVec;  // fewer than kVec elements are left
+  }
+#ifdef __CUDA_ARCH__
+#pragma unroll 1  // unrolled, float x with float64 z spills around the division on sm_80
+#endif
+  for (int64_t i = first_element + t; i < inner; i += nthreads) {
+    do_element<XT, ZT>(xr, yr, zr, i, i, i, a, b, c, inverse);
+  }
 }
 
 __host__ __device__ __forceinline__ void strided_offsets(const StridedLayout& layout, int64_t i,
@@ -307,22 +347,15 @@ __host__ __device__ __forceinline__ void strided_offsets(const StridedLayout& la
 // ------------------------------------------------------------------------------------------
 // Kernels.
 
-template <typename XT, typename ZT>
+template <typename XT, typename ZT, bool VEC>
 __global__ void __launch_bounds__(kThreads)
-    lincomb3_vec_kernel(XT* __restrict__ x, const XT* __restrict__ y, const ZT* __restrict__ z,
-                        const compute_t<XT>* __restrict__ coef, int64_t n, int64_t inner,
-                        bool per_sample, bool inverse, bool idx32) {
-  constexpr int kVec = 16 / sizeof(XT);
-  const int64_t npacks = n / kVec;
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t p = tid; p < npacks; p += step) {
-    do_pack<XT, ZT>(x, y, z, coef, p, inner, per_sample, inverse, idx32);
-  }
-  // Tail: the last n % kVec (< kVec) elements, one each for the first threads of the grid.
-  const int64_t i = npacks * kVec + tid;
-  if (i < n) {
-    do_element<XT, ZT>(x, y, z, coef, i, i, i, i, inner, per_sample, inverse, idx32);
+    lincomb3_rows_kernel(XT* __restrict__ x, const XT* __restrict__ y, const ZT* __restrict__ z,
+                         const compute_t<XT>* __restrict__ coef, int64_t rows, int64_t inner,
+                         bool inverse) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    do_row<XT, ZT, VEC>(x, y, z, coef, r, inner, inverse, t, nthreads);
   }
 }
 
@@ -337,7 +370,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = tid; i < n; i += step) {
     int64_t ox, oy, oz;
     strided_offsets(layout, i, &ox, &oy, &oz);
-    do_element<XT, ZT>(x, y, z, coef, i, ox, oy, oz, inner, per_sample, inverse, idx32);
+    const compute_t<XT>* abc = per_sample ? coef + 3 * row_of(i, inner, idx32) : coef;
+    do_element<XT, ZT>(x, y, z, ox, oy, oz, abc[0], abc[1], abc[2], inverse);
   }
 }
 
@@ -362,9 +396,22 @@ __host__ void dispatch_dtype(DType t, F&& f) {
   }
 }
 
-__host__ inline unsigned int num_blocks(int64_t work) {
+__host__ inline unsigned int num_blocks(int64_t work, int64_t max_blocks = kMaxBlocks) {
   const int64_t blocks = (std::max<int64_t>(work, 1) + kThreads - 1) / kThreads;
-  return static_cast<unsigned int>(std::min(blocks, kMaxBlocks));
+  return static_cast<unsigned int>(std::min(blocks, max_blocks));
+}
+
+// Grid of the rows path: x over the work of one row, y over rows (at most 65535, the y limit;
+// the kernel strides over the rest), kMaxBlocks blocks in all.
+template <typename XT>
+__host__ inline dim3 rows_grid(const Problem& pr) {
+  constexpr int kVec = 16 / sizeof(XT);
+  const int64_t work = pr.path == Path::kRowsVec
+                           ? std::max<int64_t>(pr.inner / kVec, pr.inner % kVec)
+                           : pr.inner;
+  const int64_t grid_y = std::min<int64_t>(pr.rows, 65535);
+  return dim3(num_blocks(work, std::max<int64_t>(kMaxBlocks / grid_y, 1)),
+              static_cast<unsigned int>(grid_y));
 }
 
 // Launches the planned update on `stream`; returns cudaGetLastError() after the launch.
@@ -378,21 +425,27 @@ __host__ inline cudaError_t launch(const Problem& pr, cudaStream_t stream) {
       const auto* y = static_cast<const XT*>(pr.y);
       const auto* z = static_cast<const ZT*>(pr.z);
       const auto* coef = static_cast<const CT*>(pr.coef);
-      if (pr.vec) {
-        constexpr int kVec = 16 / sizeof(XT);
-        const int64_t work = std::max<int64_t>(pr.n / kVec, pr.n % kVec);
-        lincomb3_vec_kernel<XT, ZT><<<num_blocks(work), kThreads, 0, stream>>>(
-            x, y, z, coef, pr.n, pr.inner, pr.per_sample, pr.inverse, pr.idx32);
-      } else {
-        lincomb3_strided_kernel<XT, ZT><<<num_blocks(pr.n), kThreads, 0, stream>>>(
-            x, y, z, coef, pr.n, pr.inner, pr.per_sample, pr.inverse, pr.idx32, pr.layout);
+      switch (pr.path) {
+        case Path::kRowsVec:
+          lincomb3_rows_kernel<XT, ZT, true><<<rows_grid<XT>(pr), kThreads, 0, stream>>>(
+              x, y, z, coef, pr.rows, pr.inner, pr.inverse);
+          break;
+        case Path::kRows:
+          lincomb3_rows_kernel<XT, ZT, false><<<rows_grid<XT>(pr), kThreads, 0, stream>>>(
+              x, y, z, coef, pr.rows, pr.inner, pr.inverse);
+          break;
+        case Path::kStrided:
+          lincomb3_strided_kernel<XT, ZT><<<num_blocks(pr.n), kThreads, 0, stream>>>(
+              x, y, z, coef, pr.n, pr.inner, pr.per_sample, pr.inverse, pr.idx32, pr.layout);
+          break;
       }
     });
   });
   return cudaGetLastError();
 }
 
-// The same work as launch(), run sequentially on the host with host pointers (for tests).
+// The same work as launch(), run sequentially on the host with host pointers (for tests): one
+// "thread" per row of the rows path, all elements in flat order on the strided path.
 __host__ inline void run_on_host(const Problem& pr) {
   dispatch_dtype(pr.xt, [&](auto xtag) {
     using XT = decltype(xtag);
@@ -403,22 +456,20 @@ __host__ inline void run_on_host(const Problem& pr) {
       const auto* y = static_cast<const XT*>(pr.y);
       const auto* z = static_cast<const ZT*>(pr.z);
       const auto* coef = static_cast<const CT*>(pr.coef);
-      if (pr.vec) {
-        constexpr int kVec = 16 / sizeof(XT);
-        const int64_t npacks = pr.n / kVec;
-        for (int64_t p = 0; p < npacks; ++p) {
-          do_pack<XT, ZT>(x, y, z, coef, p, pr.inner, pr.per_sample, pr.inverse, pr.idx32);
-        }
-        for (int64_t i = npacks * kVec; i < pr.n; ++i) {
-          do_element<XT, ZT>(x, y, z, coef, i, i, i, i, pr.inner, pr.per_sample, pr.inverse,
-                             pr.idx32);
-        }
-      } else {
+      if (pr.path == Path::kStrided) {
         for (int64_t i = 0; i < pr.n; ++i) {
           int64_t ox, oy, oz;
           strided_offsets(pr.layout, i, &ox, &oy, &oz);
-          do_element<XT, ZT>(x, y, z, coef, i, ox, oy, oz, pr.inner, pr.per_sample,
-                             pr.inverse, pr.idx32);
+          const CT* abc = pr.per_sample ? coef + 3 * row_of(i, pr.inner, pr.idx32) : coef;
+          do_element<XT, ZT>(x, y, z, ox, oy, oz, abc[0], abc[1], abc[2], pr.inverse);
+        }
+        return;
+      }
+      for (int64_t r = 0; r < pr.rows; ++r) {
+        if (pr.path == Path::kRowsVec) {
+          do_row<XT, ZT, true>(x, y, z, coef, r, pr.inner, pr.inverse, 0, 1);
+        } else {
+          do_row<XT, ZT, false>(x, y, z, coef, r, pr.inner, pr.inverse, 0, 1);
         }
       }
     });
