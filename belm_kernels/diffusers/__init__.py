@@ -50,8 +50,13 @@ from .inversion import image_latents, invert
 # class up in the module model_index.json names: this one in pipelines saved by version 0.1.0.
 from .scheduling_belm import BELMScheduler, SchedulerMixin  # noqa: F401
 from .scheduling_belm_inverse import BELMInverseScheduler
+from .scheduling_flow_match_belm import FlowMatchBELMScheduler
+from .scheduling_flow_match_belm_inverse import FlowMatchBELMInverseScheduler
 from .scheduling_utils import LatentPair
-from .tiny_pipelines import tiny_stable_diffusion_pipeline, tiny_stable_diffusion_xl_pipeline
+from .tiny_pipelines import (tiny_flux_pipeline, tiny_stable_diffusion_3_pipeline,
+                             tiny_stable_diffusion_pipeline, tiny_stable_diffusion_xl_pipeline)
 
-__all__ = ["BELMScheduler", "BELMInverseScheduler", "LatentPair", "image_latents", "invert",
+__all__ = ["BELMScheduler", "BELMInverseScheduler", "FlowMatchBELMScheduler",
+           "FlowMatchBELMInverseScheduler", "LatentPair", "image_latents", "invert",
+           "tiny_flux_pipeline", "tiny_stable_diffusion_3_pipeline",
            "tiny_stable_diffusion_pipeline", "tiny_stable_diffusion_xl_pipeline"]
