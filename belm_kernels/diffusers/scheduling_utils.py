@@ -51,17 +51,17 @@ from ..ops import (BACKENDS, BackendUnavailableError, available_backends, check_
 
 STATE_DTYPES = (None, "float32", "float64")
 
-#: An inversion with wide states starts from the clean latents scaled by 1 + this (~3e-10).
-#: Regeneration gives back the inversion's wide states only up to their rounding (~1e-14), so
-#: the two runs feed the model the same roundings unless a state lies that close to a rounding
-#: boundary of the latents' dtype. Random states do so with odds ~1e-7 per element and step, but
-#: states built from the latents' own values with simple coefficients (the Euler step
-#: x + v / 112 from the clean latents that ends SD3's grid, or the leapfrog x + 2 h v of equal
-#: flow steps) often land exactly on one: the few low bits this factor puts into every state
-#: prevent that. It is 1/100 of the latents' rounding in float32 and below, so the final state
-#: still rounds back to the clean latents; the first step is not undone by a regeneration (it
-#: starts from the pair), so it costs no exactness.
-WIDE_START_DITHER = 0.6180339887498949 * 2.0**-31
+#: An inversion with wide states starts from the clean latents scaled by 1 + this times the eps
+#: of the latents' dtype (float32 latents: ~6e-10). Regeneration gives back the inversion's wide
+#: states only up to their rounding (float64: ~1e-14), so the two runs feed the model the same
+#: roundings unless a state lies that close to a rounding boundary of the latents' dtype. Random
+#: states do so with odds ~1e-7 per element and step, but states built from the latents' own
+#: values with simple coefficients (the Euler step x + v / 112 from the clean latents that ends
+#: SD3's grid, or the leapfrog x + 2 h v of equal flow steps) often land exactly on one: the low
+#: bits this factor puts into every state prevent that. At 1/200 of the latents' rounding unit it
+#: leaves the final state rounding back to the clean latents; and the first step is not undone by
+#: a regeneration (which starts from the pair), so it costs no exactness.
+WIDE_START_DITHER = 0.6180339887498949 / 128
 
 
 class LatentPair(tuple):
@@ -532,7 +532,7 @@ class BELMInversionMixin(BELMSchedulerMixin):
         wide = self._wide_dtype(sample, None)
         start = None
         if wide is not None:  # the clean state, widened and dithered (see WIDE_START_DITHER)
-            x = sample.to(wide) * (1 + WIDE_START_DITHER)
+            x = sample.to(wide) * (1 + WIDE_START_DITHER * torch.finfo(sample.dtype).eps)
             start = (x, x)
         return _Step(lincomb3_, "first_inverse", len(self._grid_ts) - 1, wide=start)
 
