@@ -13,6 +13,7 @@ __all__ = [
     "available_backends", "get_sampler", "lincomb3_", "lincomb3_inverse_",
     "BELMScheduler", "BELMInverseScheduler", "sample_obelm", "invert_obelm",
     "FLOW_SAMPLERS", "FlowSchedule", "calculate_shift", "BatchedStepper", "GraphCaptureError",
+    "FlowMatchBELMScheduler", "FlowMatchBELMInverseScheduler",
 ]
 __version__ = "0.1.0"
 
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 # "belm_kernels" as its scheduler's library (its loader also looks up SchedulerMixin there).
 _LAZY = {"BELMScheduler": "diffusers", "BELMInverseScheduler": "diffusers",
          "SchedulerMixin": "diffusers",
+         "FlowMatchBELMScheduler": "diffusers", "FlowMatchBELMInverseScheduler": "diffusers",
          "sample_obelm": "k_diffusion", "invert_obelm": "k_diffusion"}
 
 

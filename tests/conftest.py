@@ -44,12 +44,14 @@ def nvcc() -> str:
 #     @pytest.mark.parametrize("sd_pipe", [dict(sample_size=16)], indirect=True)
 
 
-def _tiny_belm_pipeline(request, builder_name: str, **defaults):
+def _tiny_belm_pipeline(request, builder_name: str, scheduler: str = "BELMScheduler",
+                        **defaults):
     pytest.importorskip("diffusers")
-    from belm_kernels.diffusers import BELMScheduler, tiny_pipelines
+    from belm_kernels import diffusers as belm_diffusers
+    from belm_kernels.diffusers import tiny_pipelines
 
     pipe = getattr(tiny_pipelines, builder_name)(**{**defaults, **getattr(request, "param", {})})
-    pipe.scheduler = BELMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = getattr(belm_diffusers, scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -65,3 +67,19 @@ def sdxl_pipe(request):
     """A tiny random StableDiffusionXLPipeline, latents (B, 4, 8, 8), with a BELMScheduler."""
     return _tiny_belm_pipeline(request, "tiny_stable_diffusion_xl_pipeline", sample_size=8)
 
+
+
+@pytest.fixture
+def sd3_pipe(request):
+    """A tiny random StableDiffusion3Pipeline, latents (B, 4, 8, 8), with a
+    FlowMatchBELMScheduler from its FlowMatchEulerDiscreteScheduler config (shift 3)."""
+    return _tiny_belm_pipeline(request, "tiny_stable_diffusion_3_pipeline",
+                               scheduler="FlowMatchBELMScheduler")
+
+
+@pytest.fixture
+def flux_pipe(request):
+    """A tiny random FluxPipeline, packed latents (B, 16, 16) (images 16x16, the default size),
+    distilled guidance, with a FlowMatchBELMScheduler from its FlowMatchEulerDiscreteScheduler
+    config (dynamic shifting)."""
+    return _tiny_belm_pipeline(request, "tiny_flux_pipeline", scheduler="FlowMatchBELMScheduler")

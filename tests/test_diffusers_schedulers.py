@@ -614,7 +614,7 @@ def test_latent_pair_records_its_grid_and_survives_pickling():
     run(inv, model_fn(), x0)
     pair = inv.latent_pair
     ts = belm_set(8).timesteps.tolist()
-    assert pair.grid == {"timesteps": tuple(ts),
+    assert pair.grid == {"kind": BELMScheduler._grid_kind, "timesteps": tuple(ts),
                          "alphas_cumprod": tuple(SCHED.alphas_cumprod[ts].tolist())}
     assert pair.timesteps == pair.grid["timesteps"]
     back = pickle.loads(pickle.dumps(pair))

@@ -9,6 +9,10 @@ exactly. Swap it into any pipeline whose loop calls ``scheduler.step``::
     pipe.scheduler = BELMScheduler.from_config(pipe.scheduler.config)
     image = pipe("a cat", num_inference_steps=50).images[0]
 
+Rectified-flow models (SD3, Flux) take ``FlowMatchBELMScheduler`` (O-BELM on the sigmas of their
+``FlowMatchEulerDiscreteScheduler`` config) and ``FlowMatchBELMInverseScheduler`` the same way;
+``invert`` picks the right one for the pipeline.
+
 Exact inversion and regeneration (or editing: regenerate the same pair with another prompt)::
 
     pair = invert(pipe, image=photo, prompt="a cat", num_inference_steps=50)
@@ -36,13 +40,15 @@ to step: a float32 round trip through a tiny random UNet at 20 steps lands aroun
 (``pair.state``); a scheduler armed with it keeps float64 states for that run and gives the
 pipeline float32 roundings of them, so inversion and regeneration evaluate the model on the same
 float32 inputs and the latents come back bit for bit. The config key ``state_dtype`` does the same
-for every run (e.g. float32 states for a float16 pipeline).
+for every run (e.g. float32 states for a float16 pipeline). Rectified flow needs this even more:
+its inversion multiplies perturbations by (h_next / h)^2 per step.
 
 Layout, as in diffusers: ``scheduling_belm.py`` (``BELMScheduler`` and the VP schedule config),
-``scheduling_belm_inverse.py``, ``scheduling_utils.py`` (what every BELM scheduler shares: the
-two-step state, its checks, :class:`LatentPair`), ``inversion.py`` (:func:`invert`, one family per
-pipeline kind) and ``tiny_pipelines.py`` (tiny random pipelines built offline, for trying the
-package without weights).
+``scheduling_belm_inverse.py``, ``scheduling_flow_match_belm.py`` (``FlowMatchBELMScheduler`` and
+the flow schedule config), ``scheduling_flow_match_belm_inverse.py``, ``scheduling_utils.py``
+(what every BELM scheduler shares: the two-step state, its checks, :class:`LatentPair`),
+``inversion.py`` (:func:`invert`, one family per pipeline kind) and ``tiny_pipelines.py`` (tiny
+random pipelines built offline, for trying the package without weights).
 """
 
 from .inversion import image_latents, invert
@@ -50,8 +56,13 @@ from .inversion import image_latents, invert
 # class up in the module model_index.json names: this one in pipelines saved by version 0.1.0.
 from .scheduling_belm import BELMScheduler, SchedulerMixin  # noqa: F401
 from .scheduling_belm_inverse import BELMInverseScheduler
+from .scheduling_flow_match_belm import FlowMatchBELMScheduler
+from .scheduling_flow_match_belm_inverse import FlowMatchBELMInverseScheduler
 from .scheduling_utils import LatentPair
-from .tiny_pipelines import tiny_stable_diffusion_pipeline, tiny_stable_diffusion_xl_pipeline
+from .tiny_pipelines import (tiny_flux_pipeline, tiny_stable_diffusion_3_pipeline,
+                             tiny_stable_diffusion_pipeline, tiny_stable_diffusion_xl_pipeline)
 
-__all__ = ["BELMScheduler", "BELMInverseScheduler", "LatentPair", "image_latents", "invert",
+__all__ = ["BELMScheduler", "BELMInverseScheduler", "FlowMatchBELMScheduler",
+           "FlowMatchBELMInverseScheduler", "LatentPair", "image_latents", "invert",
+           "tiny_flux_pipeline", "tiny_stable_diffusion_3_pipeline",
            "tiny_stable_diffusion_pipeline", "tiny_stable_diffusion_xl_pipeline"]

@@ -93,6 +93,7 @@ class VPScheduleMixin(BELMSchedulerMixin, ConfigMixin):
     ``BELMInverseScheduler``: config, ``set_timesteps``, coefficient tables, ``add_noise``."""
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers] + ["DDIMInverseScheduler"]
+    _grid_kind = "variance-preserving (DDPM/DDIM noise schedule: SD 1.x/2.x, SDXL)"
 
     @register_to_config
     def __init__(

@@ -17,7 +17,9 @@ The family's ``set_timesteps`` computes three float64 (N, 3) tables of rows (a, 
 ``a * prev + b * sample + c * model_output`` -- ``"first"`` (the one-step method that starts a run,
 DDIM), ``"first_inverse"`` (its inversion) and ``"two"`` (O-BELM) -- and hands them to
 :meth:`BELMSchedulerMixin._set_grid` together with the model timesteps and a record of the grid
-(what a latent pair must match). Its config must have the keys ``backend`` and ``state_dtype``.
+(what a latent pair must match; ``_set_grid`` adds the family's ``_grid_kind``, so that a pair
+made by one kind of scheduler is refused by another). Its config must have the keys ``backend``
+and ``state_dtype``.
 
 The previous state. O-BELM is a two-step method: besides the ``sample`` the pipeline passes,
 ``step`` needs the state before it. The scheduler keeps a reference to the previous ``sample``
@@ -49,14 +51,27 @@ from ..ops import (BACKENDS, BackendUnavailableError, available_backends, check_
 
 STATE_DTYPES = (None, "float32", "float64")
 
+#: An inversion with wide states starts from the clean latents scaled by 1 + this times the eps
+#: of the latents' dtype (float32 latents: ~6e-10). Regeneration gives back the inversion's wide
+#: states only up to their rounding (float64: ~1e-14), so the two runs feed the model the same
+#: roundings unless a state lies that close to a rounding boundary of the latents' dtype. Random
+#: states do so with odds ~1e-7 per element and step, but states built from the latents' own
+#: values with simple coefficients (the Euler step x + v / 112 from the clean latents that ends
+#: SD3's grid, or the leapfrog x + 2 h v of equal flow steps) often land exactly on one: the low
+#: bits this factor puts into every state prevent that. At 1/200 of the latents' rounding unit it
+#: leaves the final state rounding back to the clean latents; and the first step is not undone by
+#: a regeneration (which starts from the pair), so it costs no exactness.
+WIDE_START_DITHER = 0.6180339887498949 / 128
+
 
 class LatentPair(tuple):
     """``(x_T, x_T2)``: the two noisiest states, from which a BELM scheduler regenerates exactly.
 
     A plain 2-tuple (``x_T, x_T2 = pair`` works) that also carries
 
-    * ``grid``: a record of the grid it was made on (``{"timesteps": (...)}`` for the VP
-      schedulers; other families add their own keys), so that
+    * ``grid``: a record of the grid it was made on (``"kind"``, the kind of scheduler that made
+      it, ``"timesteps"`` and the family's own keys: the VP noise levels, the flow sigmas and mu),
+      so that
       :meth:`BELMSamplingMixin.set_latent_pair` refuses to regenerate on another grid;
       ``timesteps=`` is shorthand for ``grid={"timesteps": ...}``;
     * ``state``: when the inversion kept its states in a wider dtype (``state_dtype``), those two
@@ -124,6 +139,7 @@ class BELMSchedulerMixin(SchedulerMixin):
 
     order = 1
     _timestep_dtype = torch.long  # dtype of the published ``timesteps``
+    _grid_kind: str  # the family's kind of schedule, named in the grid record and its errors
 
     def _init_run_state(self) -> None:
         """Call at the end of the family's ``__init__``: no grid yet."""
@@ -176,7 +192,7 @@ class BELMSchedulerMixin(SchedulerMixin):
         """Install a new grid: its model timesteps (descending), the float64 coefficient tables,
         and the record a latent pair must match; then start a new run."""
         self._grid_ts = tuple(timesteps)
-        self._grid_record = dict(record)
+        self._grid_record = {"kind": self._grid_kind, **record}
         self.num_inference_steps = len(self._grid_ts)
         # resolved ("cuda" -> "cuda:0"), so that it equals the device of the samples
         self._device = torch.empty(0, device=device).device
@@ -404,6 +420,9 @@ class BELMSamplingMixin(BELMSchedulerMixin):
             grid = getattr(x_T, "grid", None)
             x_T, x_T2 = x_T
         _check_pair(x_T, x_T2)
+        kind = self._kind_mismatch(grid or {})
+        if kind:  # no grid can fix this one: refuse now
+            raise ValueError(kind)
         if state is not None:
             _check_pair(*state)
             if state[0].shape != x_T.shape:
@@ -417,7 +436,19 @@ class BELMSamplingMixin(BELMSchedulerMixin):
             else:  # a grid from an earlier run: the pair's run needs set_timesteps first
                 self._grid_ts = None
 
+    def _kind_mismatch(self, grid: Mapping[str, Any]) -> str | None:
+        made = grid.get("kind")
+        if made is None or made == self._grid_kind:
+            return None
+        return (f"the latent pair was made by a {made} scheduler, but {type(self).__name__} is a "
+                f"{self._grid_kind} scheduler: the two kinds walk different grids (and their "
+                "models predict different things), so regenerate with the kind of scheduler, "
+                "and the pipeline, that made the pair")
+
     def _grid_mismatch(self, pair: LatentPair) -> str | None:
+        kind = self._kind_mismatch(pair.grid)
+        if kind:
+            return kind
         for key, made in pair.grid.items():
             if key not in self._grid_record:
                 return (f"the latent pair was made on a grid with {key} {_show(made)}, which "
@@ -442,6 +473,12 @@ class BELMSamplingMixin(BELMSchedulerMixin):
             raise ValueError(mismatch)
         self._offset = 1
         return list(self._grid_ts[1:])
+
+    def _exposed_states(self) -> list[int]:
+        """The grid states (0: the noisiest, N: the clean one) of the samples the published run
+        walks through, in order: the sample of step i and what that step returns are states
+        ``[i]`` and ``[i + 1]`` of this list."""
+        return list(range(self._offset, len(self._grid_ts) + 1))
 
     def _first_step(self, k, sample):
         pair = self._armed
@@ -484,11 +521,20 @@ class BELMInversionMixin(BELMSchedulerMixin):
         ts = self._grid_ts
         return [ts[-1]] + list(ts[:0:-1])
 
+    def _exposed_states(self) -> list[int]:
+        """From the clean state N to the noisiest 0 (see ``BELMSamplingMixin._exposed_states``)."""
+        return list(range(len(self._grid_ts), -1, -1))
+
     def _first_step(self, k, sample):
         if k != 0:
             raise ValueError(f"{type(self).__name__} must start at the clean state (step 0), got "
                              f"step {k}")
-        return _Step(lincomb3_, "first_inverse", len(self._grid_ts) - 1)
+        wide = self._wide_dtype(sample, None)
+        start = None
+        if wide is not None:  # the clean state, widened and dithered (see WIDE_START_DITHER)
+            x = sample.to(wide) * (1 + WIDE_START_DITHER * torch.finfo(sample.dtype).eps)
+            start = (x, x)
+        return _Step(lincomb3_, "first_inverse", len(self._grid_ts) - 1, wide=start)
 
     def _next_step(self, k):
         return _Step(lincomb3_inverse_, "two", len(self._ts_host) - k)
