@@ -346,13 +346,18 @@ class BELMSchedulerMixin(SchedulerMixin):
             prev, wide = self._prev, self._wide
         coef = self._rows(sample.device, wide or sample.dtype)[plan.table][plan.row]
         backend = self.config.backend
-        # The op validates before it writes, so a failed step leaves the run as it was.
+        # The op validates before it writes, so a failed step leaves the run as it was. States
+        # are always in the contiguous memory format: a model's output bits can depend on its
+        # input's layout (CPU and GPU convolutions pick other kernels for channels-last), and a
+        # stored pair (safetensors) comes back contiguous, so the regeneration must feed the
+        # model the layout the inversion fed it.
         if wide is None:
-            out = prev.clone()
+            out = prev.clone(memory_format=torch.contiguous_format)
             plan.op(out, sample, model_output, coef, backend=backend)
         else:
             if first:
-                like = dict(device=sample.device, dtype=wide, copy=True)
+                like = dict(device=sample.device, dtype=wide, copy=True,
+                            memory_format=torch.contiguous_format)
                 prev, cur = plan.wide or (prev, sample)
                 x, cur = prev.to(**like), cur.to(**like)
             else:

@@ -62,6 +62,9 @@ def _unet(sample_size: int, **extra):
 
 
 def _finish(pipe, dtype: torch.dtype, device):
+    for component in pipe.components.values():  # eval mode, as from_pretrained leaves a pipeline
+        if isinstance(component, torch.nn.Module):
+            component.eval()
     if dtype != torch.float32:
         pipe = pipe.to(dtype=dtype)
     return pipe.to(device)
