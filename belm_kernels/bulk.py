@@ -942,10 +942,10 @@ def _common(p: argparse.ArgumentParser, out_help: str) -> None:
 
 def _model_options(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--model", default="tiny",
-                   help="a local diffusers pipeline folder of a class that "
-                        "belm_kernels.diffusers.invert supports (SUPPORTED_PIPELINES there), or "
-                        f"{' / '.join(TINY)}: a tiny random SD (the default) / SDXL / SD3 / Flux "
-                        "pipeline built offline, for trying")
+                   help="a local diffusers pipeline folder (save_pretrained) of a class in "
+                        "belm_kernels.diffusers.SUPPORTED_PIPELINES (the pipelines invert "
+                        f"supports), or {' / '.join(TINY)}: a tiny random SD (the default) / "
+                        "SDXL / SD3 / Flux pipeline built offline, for trying")
     p.add_argument("--steps", type=_positive, default=steps,
                    help=f"model steps N (default {steps})")
     p.add_argument("--guidance", type=float, default=7.5,

@@ -5,6 +5,8 @@ reported item by item. The tiny offline pipeline, 32x32 images, 4 steps, CPU (gl
 import errno
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -264,6 +266,20 @@ def test_flow_folders_on_another_grid_are_refused(flow_run, tmp_path, monkeypatc
                                     for f in s["failures"])
 
 
+def test_folder_of_the_previous_format_is_refused(reference, tmp_path, capsys):
+    """Format 1 recorded only the timesteps of the grid: such folders are refused, not misread."""
+    pairs = tmp_path / "pairs"
+    shutil.copytree(reference, pairs)
+    run = json.loads((pairs / "run.json").read_text())
+    run["format"] = "belm-kernels bulk 1"
+    (pairs / "run.json").write_text(json.dumps(run))
+    assert main(["regenerate-dataset", "--pairs", str(pairs), "--out", str(tmp_path / "out"),
+                 "--no-progress"]) == 2
+    assert (f"is not a run record of this version of the tool ({bulk.FORMAT}; it has "
+            "'belm-kernels bulk 1')") in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_saved_flow_pipeline_folders_work_as_model(tmp_path):
     """--model DIR of a saved tiny SD3 / Flux pipeline: its default size survives save and load
     (a loaded FluxPipeline's default_sample_size is a constant 128, 256 px here)."""
@@ -277,6 +293,24 @@ def test_saved_flow_pipeline_folders_work_as_model(tmp_path):
         assert main(["invert-dataset", "--data", str(data), "--out", str(out), "--model",
                      str(folder), *RUN]) == 0
         assert summary(out)["done"] == 1
+
+
+def test_readme_flux_commands_run_as_written(tmp_path, monkeypatch):
+    """The README's bulk commands for tiny-flux (with its prompts.txt), in a fresh folder."""
+    section = (ROOT / "README.md").read_text().split("## Bulk jobs")[1].split("\n## ")[0]
+    code = re.sub(r"\\\n\s*", "", "\n".join(line[4:] for line in section.splitlines()
+                                            if line.startswith("    ")))
+    commands = [c for c in code.splitlines() if c.startswith("printf") or "demo/flux" in c]
+    assert len(commands) == 4 and "--model tiny-flux" in commands[1]
+    monkeypatch.chdir(tmp_path)
+    subprocess.run(commands[0], shell=True, check=True)
+    for command in commands[1:]:
+        program, *args = shlex.split(command)
+        assert program == "belm-kernels" and main(args) == 0, command
+        assert summary(Path(args[args.index("--out") + 1]))["done"] == 4
+    ids = [p.stem for p in sorted(Path("demo/flux/images").glob("*.png"))]
+    assert_inputs_come_back(Path("demo/flux/images"), Path("demo/flux-regenerated"),
+                            tiny_flux_pipeline(), ids)
 
 
 def test_unreadable_pairs_shard_is_reported_and_the_others_regenerate(reference, tmp_path):
