@@ -396,7 +396,8 @@ def _grid(pipe, steps: int, height: int, width: int) -> dict:
     from .diffusers.inversion import _family
 
     scheduler = _belm_scheduler(pipe, pipe.scheduler.config)
-    latents = image_latents(pipe, Image.new("RGB", (width, height)), height, width)  # its shape
+    # the latents of a blank image: the steps' arguments depend on their shape only
+    latents = image_latents(pipe, Image.new("RGB", (width, height)), height, width)
     scheduler.set_timesteps(**_family(pipe).steps(pipe, latents, steps))
     return _normalise(scheduler._grid_record)
 
