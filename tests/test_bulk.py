@@ -1,6 +1,7 @@
 """Bulk jobs (belm_kernels.bulk): one process and torchrun ranks write the same bytes, a killed run
 resumes with another number of ranks, regeneration from the stored pairs is exact, bad input is
-reported item by item. The tiny offline pipeline, 32x32 images, 4 steps, CPU (gloo)."""
+reported item by item. The tiny offline pipeline, 32x32 images, 4 steps, CPU (gloo); the tiny
+SD3 and Flux (rectified-flow) pipelines, 16x16 images, through the same commands."""
 
 import errno
 import json
