@@ -56,17 +56,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-# The diffusers pipeline classes (and their subclasses) that ``belm_kernels.diffusers.invert``
-# inverts and that regenerate from ``latents=`` (text-to-image). Keep in step with ``invert``;
-# the folder's class is checked against it before any weight is loaded.
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+# The pipelines are those belm_kernels.diffusers.invert supports (its SUPPORTED_PIPELINES).
 # --model names of the tiny offline pipelines (random weights), and how runs record them
 TINY = {"tiny": "tiny_stable_diffusion_pipeline",
-        "tiny-sdxl": "tiny_stable_diffusion_xl_pipeline"}
+        "tiny-sdxl": "tiny_stable_diffusion_xl_pipeline",
+        "tiny-sd3": "tiny_stable_diffusion_3_pipeline",
+        "tiny-flux": "tiny_flux_pipeline"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ITEMS_PER_SHARD = 8  # default shard size on the first run into a folder
-FORMAT = "belm-kernels bulk 1"
+FORMAT = "belm-kernels bulk 2"  # 2: the full grid record (flow sigmas and mu), not timesteps
 META_KEY = "belm_kernels.bulk"  # the one metadata entry of a shard file (one key: stable bytes)
 TIMEOUT = datetime.timedelta(hours=24)  # ranks wait for each other only at the start and the end
 # Test hook: "RANK:K" makes that rank exit hard (os._exit) right after writing its K-th shard.
@@ -316,7 +315,7 @@ def tiny_record(name: str) -> str:
 
 
 def load_pipeline(model: str, dtype: torch.dtype, device: torch.device):
-    """The pipeline and how it is recorded: ``tiny`` / ``tiny-sdxl`` (the offline random ones;
+    """The pipeline and how it is recorded: a name of ``TINY`` (the offline random ones;
     recorded as ``tiny_record(name)``, which loads them too) or a local diffusers pipeline folder
     of a supported class (checked before any weight is loaded; recorded by its absolute path)."""
     import diffusers
@@ -340,12 +339,12 @@ def load_pipeline(model: str, dtype: torch.dtype, device: torch.device):
             cls = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
         except (OSError, ValueError) as exc:
             raise BulkError(f"--model {model}: cannot read {index}: {exc}") from None
-        supported = tuple(getattr(diffusers, c) for c in SUPPORTED_PIPELINES)
+        supported = tuple(getattr(diffusers, c) for c in belm_diffusers.SUPPORTED_PIPELINES)
         found = getattr(diffusers, str(cls), None)
         if not (isinstance(found, type) and issubclass(found, supported)):
             raise BulkError(f"--model {model} is a {cls}; the bulk commands support "
-                            f"{', '.join(SUPPORTED_PIPELINES)} and their subclasses (the "
-                            "pipelines that belm_kernels.diffusers.invert inverts)")
+                            f"{', '.join(belm_diffusers.SUPPORTED_PIPELINES)} and their subclasses "
+                            "(the pipelines that belm_kernels.diffusers.invert inverts)")
         pipe = DiffusionPipeline.from_pretrained(path, **{_dtype_keyword(): dtype}).to(device)
         name = str(path.resolve())
     pipe.set_progress_bar_config(disable=True)
@@ -362,10 +361,14 @@ def _dtype_keyword() -> str:
 
 
 def default_size(pipe) -> tuple[int, int]:
-    """(height, width) the pipeline generates at by default."""
-    sample = getattr(pipe, "default_sample_size", None)
+    """(height, width) of a run without --size, from the model's config (kept by save_pretrained):
+    the denoiser's sample_size in latents, as the UNet and SD3 pipelines default; a Flux
+    transformer has none (FluxPipeline's default_sample_size is a constant 128 that a loaded
+    pipeline always gets), so there the VAE's sample_size in pixels (FLUX.1: 1024, its default)."""
+    model = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    sample = getattr(model.config, "sample_size", None)
     if sample is None:
-        sample = pipe.unet.config.sample_size
+        return pipe.vae.config.sample_size, pipe.vae.config.sample_size
     return sample * pipe.vae_scale_factor, sample * pipe.vae_scale_factor
 
 
@@ -375,13 +378,33 @@ def _scheduler_config(scheduler) -> dict:
     return config
 
 
-def _belm_scheduler(config: dict, steps: int):
-    """The sampling scheduler of the runs (O-BELM) and its grid of ``steps`` timesteps."""
-    from .diffusers import BELMScheduler
+def _belm_scheduler(pipe, config: dict):
+    """The sampling scheduler of the runs: the BELM scheduler of the pipeline's family (O-BELM;
+    BELMScheduler or FlowMatchBELMScheduler), from a scheduler ``config``."""
+    from .diffusers.inversion import _family
 
-    scheduler = BELMScheduler.from_config(config)
-    scheduler.set_timesteps(steps)
-    return scheduler, [int(t) for t in scheduler.timesteps]
+    return _family(pipe).scheduler.from_config(config)
+
+
+def _grid(pipe, steps: int, height: int, width: int) -> dict:
+    """The grid record (``LatentPair.grid``, as JSON reads it back) of a run of ``steps`` at
+    height x width with ``pipe.scheduler``'s config: the family's BELM scheduler set as the
+    pipeline sets it (timesteps; for flow also the sigmas, and mu from the image size)."""
+    from PIL import Image
+
+    from .diffusers import image_latents
+    from .diffusers.inversion import _family
+
+    scheduler = _belm_scheduler(pipe, pipe.scheduler.config)
+    # the latents of a blank image: the steps' arguments depend on their shape only
+    latents = image_latents(pipe, Image.new("RGB", (width, height)), height, width)
+    scheduler.set_timesteps(**_family(pipe).steps(pipe, latents, steps))
+    return _normalise(scheduler._grid_record)
+
+
+def _stored_grid(record: dict) -> dict:
+    """A grid record read from JSON as the scheduler keeps it (sequences are tuples there)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
 
 
 class _LastLatents:
@@ -433,11 +456,10 @@ class InvertJob(Job):
         self.pipe, self.items, self.steps, self.guidance = pipe, items, steps, guidance
         self.height, self.width = size or default_size(pipe)
         self.resize = resize
-        scheduler = _scheduler_config(pipe.scheduler)
-        self.grid = _belm_scheduler(scheduler, steps)[1]
         self.config = _normalise({
-            "model": model, "pipeline": type(pipe).__name__, "scheduler": scheduler,
-            "steps": steps, "timesteps": self.grid, "guidance_scale": guidance,
+            "model": model, "pipeline": type(pipe).__name__,
+            "scheduler": _scheduler_config(pipe.scheduler), "steps": steps,
+            "grid": _grid(pipe, steps, self.height, self.width), "guidance_scale": guidance,
             "method": method, "dtype": dtype, "state_dtype": "float64",
             "height": self.height, "width": self.width, "resize": resize})
 
@@ -470,9 +492,9 @@ class InvertJob(Job):
                       negative_prompt=item.negative_prompt, num_inference_steps=self.steps,
                       guidance_scale=self.guidance, height=self.height, width=self.width,
                       progress=False)
-        if list(pair.timesteps) != self.grid:
-            raise RuntimeError(f"invert used the timesteps {list(pair.timesteps)}, this run "
-                               f"records {self.grid}")
+        if _normalise(pair.grid) != self.config["grid"]:
+            raise RuntimeError(f"invert walked the grid {pair.grid}, this run records "
+                               f"{self.config['grid']}")
         tensors = {"x_T": pair.x_T, "x_T2": pair.x_T2}
         if pair.state is not None:
             tensors.update(state_T=pair.state[0], state_T2=pair.state[1])
@@ -516,10 +538,12 @@ class RegenerateJob(Job):
         self.pipe, model = load_pipeline(src["model"], dtype, ranks.device)
         if model != src["model"]:
             raise BulkError(f"the pairs were made with {src['model']}, which now loads as {model}")
-        self.pipe.scheduler, grid = _belm_scheduler(src["scheduler"], src["steps"])
-        if grid != src["timesteps"]:
-            raise BulkError(f"the pairs' grid {src['timesteps']} is not what their scheduler "
-                            f"config gives here ({grid}): diffusers version change?")
+        self.pipe.scheduler = _belm_scheduler(self.pipe, src["scheduler"])
+        grid = _grid(self.pipe, src["steps"], src["height"], src["width"])
+        if grid != src["grid"]:
+            raise BulkError(f"the pairs were made on another grid than their config gives here "
+                            f"({_describe_mismatch(src['grid'], grid)}): diffusers version "
+                            "change?")
         edit = ({"prompt": prompt} if prompt is not None else
                 {"prompts": str(prompts.resolve())} if prompts is not None else "stored prompts")
         self.config = _normalise({"pairs": str(pairs.resolve()), "source": src, "edit": edit,
@@ -544,7 +568,9 @@ class RegenerateJob(Job):
             t = {name: f.get_tensor(f"{item.id}/{name}") for name in rec["tensors"]}
         device = self.pipe.device
         state = ((t["state_T"].to(device), t["state_T2"].to(device)) if "state_T" in t else None)
-        pair = LatentPair(t["x_T"].to(device), t["x_T2"].to(device), self.src["timesteps"], state)
+        # the stored grid: the scheduler refuses the pair if its run walks another one
+        pair = LatentPair(t["x_T"].to(device), t["x_T2"].to(device), state=state,
+                          grid=_stored_grid(self.src["grid"]))
         self.pipe.scheduler.set_latent_pair(pair)
         last = _LastLatents()
         images = self.pipe(item.prompt, negative_prompt=rec["fingerprint"]["negative_prompt"],
@@ -568,10 +594,11 @@ class GenerateJob(Job):
         self.height, self.width = size or default_size(pipe)
         self.seed, self.save = seed, save
         scheduler = _scheduler_config(pipe.scheduler)
-        pipe.scheduler, grid = _belm_scheduler(scheduler, steps)
+        grid = _grid(pipe, steps, self.height, self.width)
+        pipe.scheduler = _belm_scheduler(pipe, scheduler)
         self.config = _normalise({
             "model": model, "pipeline": type(pipe).__name__, "scheduler": scheduler,
-            "steps": steps, "timesteps": grid, "guidance_scale": guidance, "method": "obelm",
+            "steps": steps, "grid": grid, "guidance_scale": guidance, "method": "obelm",
             "dtype": dtype, "height": self.height, "width": self.width, "seed": seed,
             "save": sorted(save)})
 
@@ -611,7 +638,8 @@ def _read_run(out: Path) -> dict | None:
         raise BulkError(f"{path} is unreadable ({exc}); it records the folder's config: restore "
                         "it, or use another output folder") from None
     if run.get("format") != FORMAT:
-        raise BulkError(f"{path} is not a run record of this tool ({FORMAT})")
+        raise BulkError(f"{path} is not a run record of this version of the tool ({FORMAT}; it "
+                        f"has {run.get('format')!r}): use another folder")
     return run
 
 
@@ -642,10 +670,14 @@ def _stored_items(out: Path, num_shards: int) -> tuple[dict[str, dict], list[dic
 # The engine.
 
 
-def _describe_mismatch(old: dict, new: dict) -> str:
+def _describe_mismatch(old: dict, new: dict, prefix: str = "") -> str:
+    """The keys whose values differ (nested ones as ``grid.mu``), with both values."""
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    return "; ".join(f"{k}: {json.dumps(old.get(k))[:200]} there, {json.dumps(new.get(k))[:200]} "
-                     "in this run" for k in keys)
+    return "; ".join(
+        _describe_mismatch(old[k], new[k], f"{prefix}{k}.")
+        if isinstance(old.get(k), dict) and isinstance(new.get(k), dict) else
+        f"{prefix}{k}: {json.dumps(old.get(k))[:200]} there, {json.dumps(new.get(k))[:200]} "
+        "in this run" for k in keys)
 
 
 def _check_folder(job: Job, out: Path, num_shards: int | None) -> tuple[dict | None, int]:
@@ -911,13 +943,16 @@ def _common(p: argparse.ArgumentParser, out_help: str) -> None:
 
 def _model_options(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--model", default="tiny",
-                   help=f"a local diffusers pipeline folder ({', '.join(SUPPORTED_PIPELINES)}), "
-                        "or tiny (default) / tiny-sdxl: a tiny random SD / SDXL pipeline built "
-                        "offline, for trying")
+                   help="a local diffusers pipeline folder (save_pretrained) of a class in "
+                        "belm_kernels.diffusers.SUPPORTED_PIPELINES (the pipelines invert "
+                        f"supports), or {' / '.join(TINY)}: a tiny random SD (the default) / "
+                        "SDXL / SD3 / Flux pipeline built offline, for trying")
     p.add_argument("--steps", type=_positive, default=steps,
                    help=f"model steps N (default {steps})")
     p.add_argument("--guidance", type=float, default=7.5,
-                   help="classifier-free guidance scale (default 7.5)")
+                   help="the pipeline's guidance_scale (default 7.5): classifier-free guidance, "
+                        "for Flux its distilled guidance (negative prompts are not used there: "
+                        "no true CFG)")
     p.add_argument("--negative-prompt", help="for items that do not give one")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                    help="the pipeline's dtype (default float32)")

@@ -1,10 +1,13 @@
 """Bulk jobs (belm_kernels.bulk): one process and torchrun ranks write the same bytes, a killed run
 resumes with another number of ranks, regeneration from the stored pairs is exact, bad input is
-reported item by item. The tiny offline pipeline, 32x32 images, 4 steps, CPU (gloo)."""
+reported item by item. The tiny offline pipeline, 32x32 images, 4 steps, CPU (gloo); the tiny
+SD3 and Flux (rectified-flow) pipelines, 16x16 images, through the same commands."""
 
 import errno
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -20,8 +23,11 @@ from safetensors.torch import load_file  # noqa: E402
 
 from belm_kernels import bulk  # noqa: E402
 from belm_kernels.cli import main  # noqa: E402
-from belm_kernels.diffusers import (image_latents, tiny_stable_diffusion_pipeline,  # noqa: E402
+from belm_kernels.diffusers import (image_latents, tiny_flux_pipeline,  # noqa: E402
+                                    tiny_stable_diffusion_3_pipeline,
+                                    tiny_stable_diffusion_pipeline,
                                     tiny_stable_diffusion_xl_pipeline)
+from belm_kernels.schedule import calculate_shift  # noqa: E402
 
 N_ITEMS, SHARDS = 8, 5  # ids img0..img7 fill all 5 shards (1 or 2 items each)
 RUN = ["--steps", "4", "--guidance", "3.0", "--negative-prompt", "blurry", "--no-progress"]
@@ -97,7 +103,9 @@ def test_reference_run_stores_every_item_once_with_its_metadata(reference):
     cfg = run["config"]
     assert run["num_shards"] == SHARDS and run["command"] == "invert-dataset"
     assert cfg["model"] == bulk.tiny_record("tiny") and cfg["pipeline"] == "StableDiffusionPipeline"
-    assert cfg["timesteps"] == [751, 501, 251, 1] and cfg["steps"] == 4
+    assert cfg["grid"]["timesteps"] == [751, 501, 251, 1] and cfg["steps"] == 4
+    assert cfg["grid"]["kind"].startswith("variance-preserving")
+    assert len(cfg["grid"]["alphas_cumprod"]) == 4
     assert cfg["guidance_scale"] == 3.0 and cfg["dtype"] == "float32" and cfg["method"] == "obelm"
     assert cfg["scheduler"]["_class_name"] == "DDIMScheduler"
     assert (cfg["height"], cfg["width"]) == (32, 32)
@@ -187,6 +195,123 @@ def test_sdxl_pipeline_inverts_and_regenerates_exactly(tmp_path):
     assert main(["regenerate-dataset", "--pairs", str(pairs), "--out", str(regen), "--save",
                  "latents", "--no-progress"]) == 0
     assert_inputs_come_back(data, regen, tiny_stable_diffusion_xl_pipeline(), ["a", "b"])
+
+
+FLOW = {"tiny-sd3": tiny_stable_diffusion_3_pipeline, "tiny-flux": tiny_flux_pipeline}
+
+
+@pytest.fixture(scope="module", params=sorted(FLOW))
+def flow_run(request, tmp_path_factory):
+    """A rectified-flow model: generate-dataset of two prompts, then invert-dataset of its
+    images (16x16, the tiny pipelines' default size). (model, folder with gen/ and pairs/)."""
+    model, root = request.param, tmp_path_factory.mktemp(request.param)
+    (root / "prompts.txt").write_text("a red fox\na blue car\n")
+    assert main(["generate-dataset", "--prompts", str(root / "prompts.txt"), "--out",
+                 str(root / "gen"), "--model", model, "--steps", "3", "--save", "images,latents",
+                 "--no-progress"]) == 0
+    assert main(["invert-dataset", "--data", str(root / "gen" / "images"), "--out",
+                 str(root / "pairs"), "--model", model, *RUN]) == 0
+    return model, root
+
+
+def test_flow_pipelines_generate_invert_and_regenerate_exactly(flow_run, tmp_path):
+    model, root = flow_run
+    pipe = FLOW[model]()
+    gen = json.loads((root / "gen" / "run.json").read_text())["config"]
+    latents = stored(root / "gen")["000001/latents"]
+    # Flux latents are packed: (batch, 16 tokens of 2x2 patches, 16 = 4 channels x 4)
+    assert latents.shape == ((1, 16, 16) if model == "tiny-flux" else (1, 4, 8, 8))
+    assert Image.open(root / "gen" / "images" / "000002.png").size == (16, 16)
+    cfg = json.loads((root / "pairs" / "run.json").read_text())["config"]
+    assert cfg["pipeline"] == type(pipe).__name__ and cfg["model"] == bulk.tiny_record(model)
+    assert (cfg["height"], cfg["width"]) == (16, 16) and gen["grid"]["kind"] == cfg["grid"]["kind"]
+    grid = cfg["grid"]  # the full record the pairs carry: sigmas, and for Flux mu
+    assert grid["kind"].startswith("rectified-flow") and grid["sigmas"][-1] == 0.0
+    assert len(grid["sigmas"]) == 5 and len(grid["timesteps"]) == 4
+    # Flux: mu from the image's 16 packed tokens; SD3's static shift uses none
+    assert grid["mu"] == (calculate_shift(16) if model == "tiny-flux" else None)
+    out = tmp_path / "regen"
+    assert main(["regenerate-dataset", "--pairs", str(root / "pairs"), "--out", str(out),
+                 "--no-progress"]) == 0
+    assert summary(out)["done"] == 2 and (out / "images" / "000001.png").is_file()
+    assert_inputs_come_back(root / "gen" / "images", out, pipe, ["000001", "000002"])
+
+
+def test_flow_folders_on_another_grid_are_refused(flow_run, tmp_path, monkeypatch, capsys):
+    model, root = flow_run
+    # invert-dataset into the folder at another size: another grid (for Flux another mu)
+    images = ["--data", str(root / "gen" / "images"), "--model", model, *RUN]
+    assert main(["invert-dataset", "--out", str(root / "pairs"), *images, "--size", "32",
+                 "--resize"]) == 2
+    err = capsys.readouterr().err
+    assert "height: 16 there, 32 in this run" in err
+    if model == "tiny-flux":  # mu from the image size; SD3's grid does not depend on it
+        assert f"grid.mu: {calculate_shift(16)} there, {calculate_shift(64)} in this run" in err
+    else:
+        assert "grid." not in err
+    pairs = tmp_path / "pairs"
+    shutil.copytree(root / "pairs", pairs)
+    run = json.loads((pairs / "run.json").read_text())
+    run["config"]["grid"]["sigmas"][1] += 1e-9  # pairs made on (slightly) other sigmas
+    (pairs / "run.json").write_text(json.dumps(run))
+    out = tmp_path / "regen"
+    regen = ["regenerate-dataset", "--pairs", str(pairs), "--out", str(out), "--no-progress"]
+    assert main(regen) == 2 and not out.exists()  # the job refuses before any work
+    assert "the pairs were made on another grid than their config gives here (sigmas: [" in (
+        capsys.readouterr().err)
+    # past that check, the scheduler's own check of the pair's grid refuses every item
+    monkeypatch.setattr(bulk, "_grid", lambda *args: run["config"]["grid"])
+    assert main(regen) == 1
+    s = summary(out)
+    assert s["failed"] == 2 and all("the latent pair was made on the sigmas [1.0, 0." in f["error"]
+                                    for f in s["failures"])
+
+
+def test_folder_of_the_previous_format_is_refused(reference, tmp_path, capsys):
+    """Format 1 recorded only the timesteps of the grid: such folders are refused, not misread."""
+    pairs = tmp_path / "pairs"
+    shutil.copytree(reference, pairs)
+    run = json.loads((pairs / "run.json").read_text())
+    run["format"] = "belm-kernels bulk 1"
+    (pairs / "run.json").write_text(json.dumps(run))
+    assert main(["regenerate-dataset", "--pairs", str(pairs), "--out", str(tmp_path / "out"),
+                 "--no-progress"]) == 2
+    assert (f"is not a run record of this version of the tool ({bulk.FORMAT}; it has "
+            "'belm-kernels bulk 1')") in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_saved_flow_pipeline_folders_work_as_model(tmp_path):
+    """--model DIR of a saved tiny SD3 / Flux pipeline: its default size survives save and load
+    (a loaded FluxPipeline's default_sample_size is a constant 128, 256 px here)."""
+    data = make_images(tmp_path / "data", ["a"], size=16)
+    for name, make in FLOW.items():
+        folder = tmp_path / name
+        make().save_pretrained(folder)
+        pipe, record = bulk.load_pipeline(str(folder), torch.float32, torch.device("cpu"))
+        assert record == str(folder.resolve()) and bulk.default_size(pipe) == (16, 16)
+        out = tmp_path / f"{name}-pairs"
+        assert main(["invert-dataset", "--data", str(data), "--out", str(out), "--model",
+                     str(folder), *RUN]) == 0
+        assert summary(out)["done"] == 1
+
+
+def test_readme_flux_commands_run_as_written(tmp_path, monkeypatch):
+    """The README's bulk commands for tiny-flux (with its prompts.txt), in a fresh folder."""
+    section = (ROOT / "README.md").read_text().split("## Bulk jobs")[1].split("\n## ")[0]
+    code = re.sub(r"\\\n\s*", "", "\n".join(line[4:] for line in section.splitlines()
+                                            if line.startswith("    ")))
+    commands = [c for c in code.splitlines() if c.startswith("printf") or "demo/flux" in c]
+    assert len(commands) == 4 and "--model tiny-flux" in commands[1]
+    monkeypatch.chdir(tmp_path)
+    subprocess.run(commands[0], shell=True, check=True)
+    for command in commands[1:]:
+        program, *args = shlex.split(command)
+        assert program == "belm-kernels" and main(args) == 0, command
+        assert summary(Path(args[args.index("--out") + 1]))["done"] == 4
+    ids = [p.stem for p in sorted(Path("demo/flux/images").glob("*.png"))]
+    assert_inputs_come_back(Path("demo/flux/images"), Path("demo/flux-regenerated"),
+                            tiny_flux_pipeline(), ids)
 
 
 def test_unreadable_pairs_shard_is_reported_and_the_others_regenerate(reference, tmp_path):
@@ -292,7 +417,8 @@ def test_unsupported_pipeline_fails_before_any_work(data, tmp_path, capsys):
                  *RUN]) == 2
     err = capsys.readouterr().err
     assert ("is a DDPMPipeline; the bulk commands support StableDiffusionPipeline, "
-            "StableDiffusionXLPipeline and their subclasses") in err
+            "StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline and their "
+            "subclasses") in err
     assert not out.exists()
     assert main(["invert-dataset", "--data", str(data), "--out", str(out), "--model",
                  str(tmp_path), *RUN]) == 2
@@ -306,7 +432,8 @@ def test_folder_of_another_model_grid_or_shard_count_is_refused(data, reference,
     base = ["invert-dataset", "--data", str(data), "--out", str(reference)]
     assert main([*base, "--steps", "5", "--guidance", "3.0", "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "steps: 4 there, 5 in this run" in err and "timesteps: [751, 501, 251, 1]" in err
+    assert "steps: 4 there, 5 in this run" in err
+    assert "grid.timesteps: [751, 501, 251, 1] there, [801, 601, 401, 201, 1] in this run" in err
     assert "use another --out folder, or delete" in err
     assert main([*base, *RUN, "--shards", "7"]) == 2
     assert "split into 5 shards" in capsys.readouterr().err

@@ -51,7 +51,7 @@ the flow schedule config), ``scheduling_flow_match_belm_inverse.py``, ``scheduli
 random pipelines built offline, for trying the package without weights).
 """
 
-from .inversion import image_latents, invert
+from .inversion import SUPPORTED_PIPELINES, image_latents, invert
 # SchedulerMixin is here (not in __all__) for diffusers' loader, which looks a component's base
 # class up in the module model_index.json names: this one in pipelines saved by version 0.1.0.
 from .scheduling_belm import BELMScheduler, SchedulerMixin  # noqa: F401
@@ -63,6 +63,6 @@ from .tiny_pipelines import (tiny_flux_pipeline, tiny_stable_diffusion_3_pipelin
                              tiny_stable_diffusion_pipeline, tiny_stable_diffusion_xl_pipeline)
 
 __all__ = ["BELMScheduler", "BELMInverseScheduler", "FlowMatchBELMScheduler",
-           "FlowMatchBELMInverseScheduler", "LatentPair", "image_latents", "invert",
-           "tiny_flux_pipeline", "tiny_stable_diffusion_3_pipeline",
+           "FlowMatchBELMInverseScheduler", "LatentPair", "SUPPORTED_PIPELINES", "image_latents",
+           "invert", "tiny_flux_pipeline", "tiny_stable_diffusion_3_pipeline",
            "tiny_stable_diffusion_pipeline", "tiny_stable_diffusion_xl_pipeline"]

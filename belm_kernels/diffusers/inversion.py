@@ -24,8 +24,9 @@ guidance scale, size arguments and ``num_inference_steps`` to :func:`invert` and
 :func:`image_latents` gives the clean latents of an image that :func:`invert` inverts.
 
 A new family is a conditioning function (see ``_stable_diffusion``) and, for a pipeline with
-another kind of schedule or latents, its inverse scheduler and its timesteps and image-latents
-functions, added to ``_FAMILIES``; nothing else changes.
+another kind of schedule or latents, its BELM schedulers (sampling and inverse) and its timesteps
+and image-latents functions, added to ``_FAMILIES``; nothing else changes. ``SUPPORTED_PIPELINES``
+names the families' pipeline classes (the bulk commands check a model folder against it).
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..schedule import calculate_shift
+from .scheduling_belm import BELMScheduler
 from .scheduling_belm_inverse import BELMInverseScheduler
+from .scheduling_flow_match_belm import FlowMatchBELMScheduler
 from .scheduling_flow_match_belm_inverse import FlowMatchBELMInverseScheduler
 from .scheduling_utils import LatentPair, check_float_tensor
 
-__all__ = ["image_latents", "invert"]
+__all__ = ["SUPPORTED_PIPELINES", "image_latents", "invert"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,6 +330,7 @@ def _flux_steps(pipe, latents, num_inference_steps, *, sigmas=None):
 class _Family(NamedTuple):
     pipeline: str                      # diffusers pipeline class (its subclasses included)
     conditioning: Callable             # see above
+    scheduler: type = BELMScheduler    # the BELM scheduler that samples (and regenerates) its grid
     inverse_scheduler: type = BELMInverseScheduler
     steps: Callable = _steps           # (pipe, latents, N, **kw) -> set_timesteps arguments
     image_latents: Callable = _vae_latents
@@ -335,11 +339,13 @@ class _Family(NamedTuple):
 _FAMILIES = (
     _Family("StableDiffusionPipeline", _stable_diffusion),
     _Family("StableDiffusionXLPipeline", _stable_diffusion_xl),
-    _Family("StableDiffusion3Pipeline", _stable_diffusion_3, FlowMatchBELMInverseScheduler,
-            _stable_diffusion_3_steps),
-    _Family("FluxPipeline", _flux, FlowMatchBELMInverseScheduler, _flux_steps,
-            _flux_image_latents),
+    _Family("StableDiffusion3Pipeline", _stable_diffusion_3, FlowMatchBELMScheduler,
+            FlowMatchBELMInverseScheduler, _stable_diffusion_3_steps),
+    _Family("FluxPipeline", _flux, FlowMatchBELMScheduler, FlowMatchBELMInverseScheduler,
+            _flux_steps, _flux_image_latents),
 )
+#: The diffusers pipeline classes :func:`invert` supports (their subclasses too), by name.
+SUPPORTED_PIPELINES = tuple(family.pipeline for family in _FAMILIES)
 
 
 def _family(pipe) -> _Family:
@@ -348,7 +354,7 @@ def _family(pipe) -> _Family:
     for family in _FAMILIES:
         if isinstance(pipe, getattr(diffusers, family.pipeline)):
             return family
-    names = ", ".join(f.pipeline for f in _FAMILIES)
+    names = ", ".join(SUPPORTED_PIPELINES)
     raise TypeError(
         f"invert() does not support {type(pipe).__name__}; it supports {names} (and their "
         "subclasses). A pipeline with the same components can be rebuilt as a supported one, "
