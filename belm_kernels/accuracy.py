@@ -170,7 +170,7 @@ def plot_convergence(rows: list[Row], path: str, note: str = "") -> None:
         pts = [(r.steps, r.error) for r in rows if (r.kind, r.method) == (kind, method)]
         line, marker, label = style[kind]
         order = f" (order {convergence_order(rows, method, kind):.2f})" if len(pts) > 1 else ""
-        ax.loglog(*zip(*pts), line, marker=marker, color=colours.get(method),
+        ax.loglog(*zip(*pts, strict=True), line, marker=marker, color=colours.get(method),
                   label=f"{label} {method}{order}")
     # Guides: error ~ N^-1 and N^-2 through the geometric middle of the data.
     steps = sorted({r.steps for r in rows})

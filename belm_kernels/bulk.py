@@ -606,7 +606,7 @@ class GenerateJob(Job):
         """The item's own seed, or one derived from ``--seed`` and its id (stable)."""
         if item.seed is not None:
             return item.seed
-        digest = hashlib.sha256(f"{self.seed}:{item.id}".encode("utf-8")).digest()
+        digest = hashlib.sha256(f"{self.seed}:{item.id}".encode()).digest()
         return int.from_bytes(digest[:8], "big") >> 1
 
     def fingerprint(self, item):

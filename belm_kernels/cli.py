@@ -10,7 +10,7 @@ import torch
 
 from . import bulk, ops
 from .accuracy import DTYPES, format_table, plot_convergence, run_study
-from .samplers import SAME_STEP, FLOW_SAMPLERS, SAMPLERS
+from .samplers import FLOW_SAMPLERS, SAME_STEP, SAMPLERS
 from .schedule import FlowSchedule
 
 
@@ -19,8 +19,8 @@ def _csv(kind, choices=None):
         items = [kind(v.strip()) for v in text.split(",") if v.strip()]
         bad = [v for v in items if choices is not None and v not in choices]
         if not items or bad:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {choices or kind.__name__}, "
-                                             f"got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {choices or kind.__name__}, got {text!r}")
         return items
     return parse
 
@@ -84,7 +84,8 @@ def demo(args) -> int:
         plot_convergence(rows, args.plot, note="; ".join(note[k] for k in args.schedule))
         print(f"\nconvergence plot written to {args.plot}")
     shape = tuple(args.latent_shape)
-    print(f"\nStep time of the fused update (median of 50 calls), latents {shape} on {args.device}:\n")
+    print(f"\nStep time of the fused update (median of 50 calls), latents {shape} on "
+          f"{args.device}:\n")
     print("| backend | " + " | ".join(args.dtype) + " |")
     print("|---|" + "---|" * len(args.dtype))
     for backend in ops.available_backends(args.device):
@@ -136,7 +137,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="belm-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="accuracy study on the analytic model and per-backend step time")
+    p = sub.add_parser("demo",
+                       help="accuracy study on the analytic model and per-backend step time")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", type=_csv(str, tuple(DTYPES)), default=list(DTYPES),
                    help="latent dtypes for the round trip and the step time (default: all four)")

@@ -6,8 +6,9 @@ method has the form
 
     x_{j+1} = a_j x_{j-1} + b_j x_j + c_j eps_j
 
-A DDIM step is the row (0, alpha_{j+1}/alpha_j, sigma_{j+1} - alpha_{j+1} sigma_j / alpha_j): it does
-not look at x_{j-1}. The paper's index i is N - j; its h_i is our h_j = sbar_j - sbar_{j+1} > 0.
+A DDIM step is the row (0, alpha_{j+1}/alpha_j, sigma_{j+1} - alpha_{j+1} sigma_j / alpha_j): it
+does not look at x_{j-1}. The paper's index i is N - j; its h_i is our
+h_j = sbar_j - sbar_{j+1} > 0.
 """
 
 from __future__ import annotations

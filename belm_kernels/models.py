@@ -48,7 +48,7 @@ class GaussianMixture:
 
     @classmethod
     def random(cls, dim: int = 8, num_components: int = 4, std: float = 0.5,
-               seed: int = 0) -> "GaussianMixture":
+               seed: int = 0) -> GaussianMixture:
         """Means spread like unit-variance data, every component with standard deviation ``std``."""
         g = torch.Generator().manual_seed(seed)
         means = torch.randn(num_components, dim, generator=g, dtype=torch.float64)
@@ -129,7 +129,8 @@ class GaussianMixture:
         v = torch.linspace(math.log(sbar_T + s_min), math.log(s_min), num_steps + 1,
                            dtype=torch.float64)
 
-        def f(vk, xb):  # d xbar / d v = (sbar + s_min) * eps*(alpha xbar) with alpha = 1/sqrt(1+sbar^2)
+        # d xbar / d v = (sbar + s_min) * eps*(alpha xbar) with alpha = 1/sqrt(1+sbar^2)
+        def f(vk, xb):
             sbar = math.exp(vk) - s_min
             alpha = 1 / math.sqrt(1 + sbar * sbar)
             return (sbar + s_min) * self.eps(alpha * xb, alpha, sbar * alpha)

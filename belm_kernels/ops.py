@@ -139,7 +139,7 @@ def get_backend(name: str) -> Backend:
     return _LOADED[name]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reason(name: str, device: torch.device) -> str | None:
     try:
         return get_backend(name).unavailable_reason(device)
@@ -158,7 +158,7 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return ranked + others
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
     """The backend that runs: ``name`` itself, checked, or the first suitable one for "auto"."""
     if name == "auto":
@@ -260,7 +260,7 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     lo = t.data_ptr()
     if t.is_contiguous():
         return lo, lo + t.nbytes
-    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
     return lo, lo + (last + 1) * t.element_size()
 
 
@@ -269,10 +269,10 @@ def _overlaps_itself(t: torch.Tensor) -> bool:
     for what this does not detect)."""
     if t.is_contiguous():
         return False
-    dims = [(n, s) for n, s in zip(t.shape, t.stride()) if n > 1]
+    dims = [(n, s) for n, s in zip(t.shape, t.stride(), strict=True) if n > 1]
     if any(s == 0 for _, s in dims):  # an expanded dimension
         return True
-    for (n1, s1), (n2, s2) in itertools.permutations(dims, 2):
+    for (n1, s1), (_, s2) in itertools.permutations(dims, 2):
         if s1 <= s2 and s2 % s1 == 0 and s2 // s1 < n1:  # index s2/s1 of dim 1 == index 1 of dim 2
             return True
     span = 1 + sum((n - 1) * s for n, s in dims)

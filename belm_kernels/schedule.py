@@ -84,7 +84,7 @@ class Schedule:
 
     @classmethod
     def from_betas(cls, beta_start: float = 0.0001, beta_end: float = 0.02,
-                   beta_schedule: str = "linear", num_train_timesteps: int = 1000) -> "Schedule":
+                   beta_schedule: str = "linear", num_train_timesteps: int = 1000) -> Schedule:
         """Betas as diffusers builds them (in float32, so alphas_cumprod match bit for bit)."""
         betas = make_betas(beta_start, beta_end, beta_schedule, num_train_timesteps)
         return cls(torch.cumprod(1.0 - betas, dim=0))

@@ -43,9 +43,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from stamp import device_slug, stamp  # noqa: E402
+
 import belm_kernels as bk  # noqa: E402
 from belm_kernels.batched import BatchedStepper  # noqa: E402
-from stamp import device_slug, stamp  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 SCHED = bk.Schedule.from_betas(0.00085, 0.012, "scaled_linear")

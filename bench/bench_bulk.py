@@ -37,7 +37,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import diffusers  # noqa: E402
-
 from stamp import device_slug, stamp  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"

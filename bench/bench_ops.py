@@ -30,17 +30,17 @@ from __future__ import annotations
 
 import argparse
 import csv
-import statistics
 import os
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from stamp import device_slug, stamp
 
 import belm_kernels as bk
-from stamp import device_slug, stamp
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -253,7 +253,7 @@ def write_plot(path: Path, rows: list[dict], info: dict[str, str], dtypes: list[
 
     fig, axes = plt.subplots(1, len(dtypes), figsize=(5.2 * len(dtypes), 4.4), squeeze=False,
                              sharey=True)
-    for ax, dname in zip(axes[0], dtypes):
+    for ax, dname in zip(axes[0], dtypes, strict=True):
         sub = [r for r in rows if r["dtype"] == dname]
         impls = sorted({(r["impl"], r["direction"]) for r in sub},
                        key=lambda k: (k[0].endswith("@graph"), k[1], k[0]))

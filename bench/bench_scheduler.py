@@ -13,12 +13,12 @@ schedulers interleaved, so a noisy neighbour slows them all alike) and the ratio
 each run is bracketed by ``torch.cuda.synchronize()``, so a step's time includes its kernels.
 
 Allocation. diffusers' schedulers allocate a few latent-sized temporaries per step; BELMScheduler
-allocates one (its output, a copy of the previous state updated by the fused op). On CPU the cost of that depends on the
-allocator more than on the scheduler: on the sandboxed VM the committed numbers come from,
-glibc hands freed multi-MB blocks back to the kernel, and touching fresh pages then costs up to
-~50 ms per 2 MB tensor, which swamps everything else (a DDIM step at 8x4x128x128 varies between
-0.2 and 48 ms from run to run). So by default the script re-executes itself with glibc told to
-keep freed memory (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_), and every scheduler is timed
+allocates one (its output, a copy of the previous state updated by the fused op). On CPU the cost of
+that depends on the allocator more than on the scheduler: on the sandboxed VM the committed numbers
+come from, glibc hands freed multi-MB blocks back to the kernel, and touching fresh pages then costs
+up to ~50 ms per 2 MB tensor, which swamps everything else (a DDIM step at 8x4x128x128 varies
+between 0.2 and 48 ms from run to run). So by default the script re-executes itself with glibc told
+to keep freed memory (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_), and every scheduler is timed
 on warm memory; ``--malloc default`` measures the process as it comes (written with the file-name
 suffix ``-default-malloc``).
 
@@ -62,9 +62,9 @@ sys.path.insert(0, str(ROOT))
 
 import diffusers  # noqa: E402
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler  # noqa: E402
+from stamp import device_slug, stamp  # noqa: E402
 
 import belm_kernels as bk  # noqa: E402
-from stamp import device_slug, stamp  # noqa: E402
 from belm_kernels.diffusers import BELMScheduler  # noqa: E402
 from belm_kernels.ops import _resolve  # noqa: E402
 

@@ -26,8 +26,13 @@ import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline
 from PIL import Image
 
-from belm_kernels.diffusers import (FlowMatchBELMScheduler, image_latents, invert,
-                                    tiny_flux_pipeline, tiny_stable_diffusion_3_pipeline)
+from belm_kernels.diffusers import (
+    FlowMatchBELMScheduler,
+    image_latents,
+    invert,
+    tiny_flux_pipeline,
+    tiny_stable_diffusion_3_pipeline,
+)
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", help="diffusers model id or local path (default: tiny random)")

@@ -15,8 +15,11 @@ import argparse
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
 
-from belm_kernels.diffusers import (BELMScheduler, tiny_stable_diffusion_pipeline,
-                                    tiny_stable_diffusion_xl_pipeline)
+from belm_kernels.diffusers import (
+    BELMScheduler,
+    tiny_stable_diffusion_pipeline,
+    tiny_stable_diffusion_xl_pipeline,
+)
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", help="diffusers model id or local path (default: tiny random)")

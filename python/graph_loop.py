@@ -65,7 +65,7 @@ def loop(graph):
     sync()
     per_tick = (time.perf_counter() - start) / (args.steps - 1)
     pair = [torch.stack([r.result[k] for r in reqs]) for k in range(2)]
-    reqs = [stepper.add(x_T, sampler, x_T2=x_T2) for x_T, x_T2 in zip(*pair)]
+    reqs = [stepper.add(x_T, sampler, x_T2=x_T2) for x_T, x_T2 in zip(*pair, strict=True)]
     stepper.run(graph=graph)
     return pair, torch.stack([r.result for r in reqs]), per_tick
 
@@ -73,7 +73,7 @@ def loop(graph):
 eps_fn = lambda x, t: model(x, torch.full((x.shape[0],), t, device=device))  # noqa: E731
 pair, rebuilt, eager_tick = loop(graph=False)
 plain_pair = sampler.invert(eps_fn, x0)
-same = all(torch.equal(a, b) for a, b in zip(pair, plain_pair))
+same = all(torch.equal(a, b) for a, b in zip(pair, plain_pair, strict=True))
 same &= torch.equal(rebuilt, sampler.sample(eps_fn, *plain_pair))
 if not same:
     raise SystemExit("MISMATCH: the stepper's loop differs from the plain sampler")
@@ -83,7 +83,7 @@ print(f"{args.steps}-step O-BELM inversion + regeneration of {args.batch} sample
 print(f"eager tick: {eager_tick * 1e6:.0f} us")
 if device.type == "cuda":
     graph_pair, graph_rebuilt, graph_tick = loop(graph=True)
-    if not (all(torch.equal(a, b) for a, b in zip(graph_pair, pair))
+    if not (all(torch.equal(a, b) for a, b in zip(graph_pair, pair, strict=True))
             and torch.equal(graph_rebuilt, rebuilt)):
         raise SystemExit("MISMATCH: graph replay differs from the eager ticks")
     print(f"graph tick: {graph_tick * 1e6:.0f} us, identical to the eager ticks to the bit")

@@ -25,9 +25,13 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler, DiffusionPipeline
 from PIL import Image
 
-from belm_kernels.diffusers import (BELMScheduler, image_latents, invert,
-                                    tiny_stable_diffusion_pipeline,
-                                    tiny_stable_diffusion_xl_pipeline)
+from belm_kernels.diffusers import (
+    BELMScheduler,
+    image_latents,
+    invert,
+    tiny_stable_diffusion_pipeline,
+    tiny_stable_diffusion_xl_pipeline,
+)
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", help="diffusers model id or local path (default: tiny random)")

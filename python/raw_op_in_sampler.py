@@ -33,7 +33,7 @@ x_T = torch.randn(B, 32)                        # float32 states
 x = x_T.clone()
 step = -torch.arange(B)                         # sample k starts at tick k
 worst = 0.0
-for tick in range(N + B - 1):
+for _ in range(N + B - 1):  # one tick each
     active = (step >= 0) & (step < N)
     j = step.clamp(0, N - 1)
     # The model sees each sample at its own noise level (parked samples: any level, unused).

@@ -105,7 +105,7 @@ worst = 0.0
 for req, (x, prompt, x_T2) in jobs.items():
     cond = embed(prompt)[None]
 
-    def eps_fn(x, t):
+    def eps_fn(x, t, cond=cond):  # bound now: called only within this iteration
         return guided_unet(x, torch.full((x.shape[0],), t, device=device), cond)
 
     if req.direction == "sample":
@@ -114,9 +114,9 @@ for req, (x, prompt, x_T2) in jobs.items():
     else:
         expected = [t[0] for t in req.sampler.invert(eps_fn, x[None])]
         got = list(req.result)
-    diff = max(float((g - e).norm() / e.norm()) for g, e in zip(got, expected))
+    diff = max(float((g - e).norm() / e.norm()) for g, e in zip(got, expected, strict=True))
     worst = max(worst, diff)
-    same = all(torch.equal(g, e) for g, e in zip(got, expected))
+    same = all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
     print(f"{req.name:>4} {req.sampler.name:5} {req.direction:6} {req.num_steps} steps  "
           f"vs plain sampler: {'identical to the bit' if same else f'rel. diff {diff:.1e}'}")
     if x_T2 is not None:  # a regeneration from an inverted pair: did it give x0 back?

@@ -1,4 +1,5 @@
-"""The accuracy study's claims (README table), asserted with margins that catch a wrong coefficient."""
+"""The accuracy study's claims (README table), asserted with margins that catch a wrong
+coefficient."""
 
 import pytest
 

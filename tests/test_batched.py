@@ -63,7 +63,8 @@ def plain(req, x, cond, x_T2=None):
 
 def assert_same(result, expected):
     if isinstance(expected, tuple):
-        assert len(result) == 2 and all(torch.equal(r, e) for r, e in zip(result, expected))
+        assert len(result) == 2
+        assert all(torch.equal(r, e) for r, e in zip(result, expected, strict=True))
     else:
         assert torch.equal(result, expected)
 
@@ -187,18 +188,19 @@ def test_invert_then_sample_reconstructs_float64(method, params):
                 for n, sp in [(4, "linspace"), (10, "trailing"), (7, "leading"), (15, "linspace")]]
     x0 = [MIXTURE.sample_data(1, gen)[0] for _ in samplers]
     conds = [0.2 * torch.randn(DIM, generator=gen, dtype=torch.float64) for _ in samplers]
-    inverted = [st.add(x, s, "invert", cond=c) for x, s, c in zip(x0[:3], samplers, conds)]
+    inverted = [st.add(x, s, "invert", cond=c)
+                for x, s, c in zip(x0[:3], samplers, conds, strict=True)]
     st.tick()  # the fourth joins one tick later
     inverted.append(st.add(x0[3], samplers[3], "invert", cond=conds[3]))
     st.run()
     rebuilt = [st.add(r.result[0], s, x_T2=r.result[1], cond=c)
-               for r, s, c in zip(inverted[:3], samplers, conds)]
+               for r, s, c in zip(inverted[:3], samplers, conds, strict=True)]
     st.tick()
     rebuilt.append(st.add(inverted[3].result[0], samplers[3], x_T2=inverted[3].result[1],
                           cond=conds[3]))
     st.run()
     eps64 = torch.finfo(torch.float64).eps
-    for s, x, r in zip(samplers, x0, rebuilt):
+    for s, x, r in zip(samplers, x0, rebuilt, strict=True):
         a = step_plan(s, "invert").rows[:, 0]
         bound = 4 * s.num_steps * float((1 / a.abs()).clamp(min=1).prod()) * eps64
         assert float((r.result - x).norm() / x.norm()) <= bound
@@ -215,7 +217,7 @@ def test_results_are_owned_by_the_caller():
     kept = [a.result.clone()] + [t.clone() for t in b.result]
     st.add(x * 2, s, cond=cond)  # reuses the slots
     st.run()
-    assert all(torch.equal(r, k) for r, k in zip([a.result, *b.result], kept))
+    assert all(torch.equal(r, k) for r, k in zip([a.result, *b.result], kept, strict=True))
     assert a.done and "done" in repr(a) and len(st) == 0
 
 
@@ -311,7 +313,7 @@ def _snapshot(st):
 
 def _assert_untouched(st, snap):
     bufs, slots, ticks = _snapshot(st)
-    assert all(torch.equal(a, b) for a, b in zip(bufs, snap[0]))
+    assert all(torch.equal(a, b) for a, b in zip(bufs, snap[0], strict=True))
     assert slots == snap[1] and ticks == snap[2]
 
 

@@ -23,10 +23,13 @@ from safetensors.torch import load_file  # noqa: E402
 
 from belm_kernels import bulk  # noqa: E402
 from belm_kernels.cli import main  # noqa: E402
-from belm_kernels.diffusers import (image_latents, tiny_flux_pipeline,  # noqa: E402
-                                    tiny_stable_diffusion_3_pipeline,
-                                    tiny_stable_diffusion_pipeline,
-                                    tiny_stable_diffusion_xl_pipeline)
+from belm_kernels.diffusers import (  # noqa: E402
+    image_latents,
+    tiny_flux_pipeline,
+    tiny_stable_diffusion_3_pipeline,
+    tiny_stable_diffusion_pipeline,
+    tiny_stable_diffusion_xl_pipeline,
+)
 from belm_kernels.schedule import calculate_shift  # noqa: E402
 
 N_ITEMS, SHARDS = 8, 5  # ids img0..img7 fill all 5 shards (1 or 2 items each)

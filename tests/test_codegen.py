@@ -226,7 +226,8 @@ def _runtime_specialisation() -> list[dict]:
 def _compile_all(variants: list[Variant]) -> dict:
     workers = max(1, min(2, os.cpu_count() or 1))
     with concurrent.futures.ProcessPoolExecutor(workers) as pool:
-        results = dict(zip((v.id for v in variants), pool.map(_compile, variants, chunksize=4)))
+        compiled = pool.map(_compile, variants, chunksize=4)
+        results = dict(zip((v.id for v in variants), compiled, strict=True))
     try:
         runtime = _runtime_specialisation()
     except (ImportError, AttributeError, TypeError, ValueError) as exc:

@@ -59,7 +59,8 @@ def test_first_row_is_ddim(grid):
 
 
 def test_ddim_step_matches_closed_form(grid):
-    # x_{j+1} = alpha_{j+1} * x0_pred + sigma_{j+1} * eps with x0_pred = (x_j - sigma_j eps) / alpha_j
+    # x_{j+1} = alpha_{j+1} * x0_pred + sigma_{j+1} * eps,
+    # x0_pred = (x_j - sigma_j eps) / alpha_j
     a, s = grid.alpha, grid.sigma
     x, eps = torch.tensor(0.3, dtype=torch.float64), torch.tensor(-1.1, dtype=torch.float64)
     for j, (_, r, d) in enumerate(coefficients.ddim(grid)):
@@ -69,7 +70,8 @@ def test_ddim_step_matches_closed_form(grid):
 
 def test_ddim_inverse_undoes_ddim_with_same_eps(grid):
     x, eps = torch.tensor(0.7, dtype=torch.float64), torch.tensor(0.2, dtype=torch.float64)
-    for (_, r, d), (_, ri, di) in zip(coefficients.ddim(grid), coefficients.ddim_inverse(grid)):
+    rows = zip(coefficients.ddim(grid), coefficients.ddim_inverse(grid), strict=True)
+    for (_, r, d), (_, ri, di) in rows:
         torch.testing.assert_close(ri * (r * x + d * eps) + di * eps, x, rtol=1e-14, atol=1e-14)
 
 

@@ -22,15 +22,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import (FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline, FluxPipeline,
-                       StableDiffusion3Img2ImgPipeline)
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    FluxImg2ImgPipeline,
+    FluxPipeline,
+    StableDiffusion3Img2ImgPipeline,
+)
 from PIL import Image
 
 import belm_kernels as bk
 from belm_kernels.accuracy import roundtrip_bound
-from belm_kernels.diffusers import (BELMInverseScheduler, BELMScheduler,
-                                    FlowMatchBELMInverseScheduler, FlowMatchBELMScheduler,
-                                    image_latents, invert)
+from belm_kernels.diffusers import (
+    BELMInverseScheduler,
+    BELMScheduler,
+    FlowMatchBELMInverseScheduler,
+    FlowMatchBELMScheduler,
+    image_latents,
+    invert,
+)
 from belm_kernels.diffusers.scheduling_flow_match_belm import UNSUPPORTED_OPTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +76,8 @@ def flow_schedule(config, mu=None):
 
 def sigma_of(sigmas64):
     """t -> the float64 sigma of a published timestep (a float32 rounding of 1000 * sigma)."""
-    table = dict(zip((torch.as_tensor(sigmas64).float() * 1000).tolist(), sigmas64.tolist()))
+    published = (torch.as_tensor(sigmas64).float() * 1000).tolist()
+    table = dict(zip(published, sigmas64.tolist(), strict=True))
     return lambda t: table[float(t)]
 
 
@@ -392,7 +402,7 @@ def check_round_trip(pipe, x0, n, call, label, image=None):
     hand-inverted FlowMatchEuler baseline; prints the three relative errors. Asserts the
     float64-state path bit-exact with N-1 model calls, and Euler's inversion far off."""
     calls = []
-    hook = pipe.transformer.register_forward_hook(lambda *a: calls.append(1))
+    hook = pipe.transformer.register_forward_hook(lambda *a, calls=calls: calls.append(1))
     try:
         source = dict(image=image) if image is not None else dict(latents=x0)
         errors = {}
@@ -560,7 +570,7 @@ def test_generation_without_a_pair(sd3_pipe, flux_pipe):
         pipe.scheduler = belm
         assert torch.equal(ours, euler)
         calls = []
-        hook = pipe.transformer.register_forward_hook(lambda *a: calls.append(1))
+        hook = pipe.transformer.register_forward_hook(lambda *a, calls=calls: calls.append(1))
         image = pipe(num_inference_steps=5, output_type="np", generator=gen(), **call).images
         hook.remove()
         assert len(calls) == 5 and image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
@@ -575,7 +585,7 @@ def test_img2img_pipelines(sd3_pipe, flux_pipe):
         img2img.set_progress_bar_config(disable=True)
         seen = []
 
-        def record(p, i, t, cb):
+        def record(p, i, t, cb, seen=seen):
             seen.append(float(t))
             return cb
 

@@ -16,8 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import (DDIMInverseScheduler, DDIMScheduler, StableDiffusionImg2ImgPipeline,
-                       StableDiffusionPipeline)
+from diffusers import (
+    DDIMInverseScheduler,
+    DDIMScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+)
 
 from belm_kernels.diffusers import BELMScheduler, image_latents, invert
 

@@ -14,8 +14,14 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from diffusers import (DDIMInverseScheduler, DDIMScheduler, DPMSolverMultistepScheduler,
-                       EulerDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler)
+from diffusers import (
+    DDIMInverseScheduler,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+)
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 import belm_kernels as bk
@@ -454,7 +460,7 @@ def test_tensors_returned_or_given_are_never_written(state_dtype):
     s = belm_set(12, state_dtype=state_dtype)
     x, kept, views = noise(torch.float32), [], []
     given = [(x, x.clone())]
-    for i, t in enumerate(s.timesteps):
+    for t in s.timesteps:
         out = s.step(fn(x, t), t, x).prev_sample
         assert out is not x and out.data_ptr() != x.data_ptr()
         x = out
@@ -471,7 +477,7 @@ def test_tensors_returned_or_given_are_never_written(state_dtype):
     s.set_latent_pair(pair)
     s.set_timesteps(12)
     run(s, fn, pair.x_T2)
-    assert all(torch.equal(a, b) for a, b in zip((*pair, *pair.state), copies))
+    assert all(torch.equal(a, b) for a, b in zip((*pair, *pair.state), copies, strict=True))
 
 
 @pytest.mark.parametrize("sample_dtype,state_dtype", [(torch.float16, "float32"),
@@ -646,7 +652,8 @@ def test_latent_pair_records_its_grid_and_survives_pickling():
     assert pair.timesteps == pair.grid["timesteps"]
     back = pickle.loads(pickle.dumps(pair))
     assert isinstance(back, LatentPair) and back.grid == pair.grid
-    assert all(torch.equal(a, b) for a, b in zip((*back, *back.state), (*pair, *pair.state)))
+    assert all(torch.equal(a, b)
+               for a, b in zip((*back, *back.state), (*pair, *pair.state), strict=True))
     s = belm()
     s.set_latent_pair(back)
     s.set_timesteps(8)
@@ -700,7 +707,7 @@ def test_latent_pair_before_the_end():
     t = inv.timesteps[0]
     inv.step(model_fn()(x, t), t, x)
     with pytest.raises(ValueError, match=r"not finished \(1 of 5 steps done\)"):
-        inv.latent_pair
+        _ = inv.latent_pair
 
 
 def test_replaced_sample_is_detected():

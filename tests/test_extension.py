@@ -42,11 +42,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_codegen import CPP_EXTENSION_NVCC_FLAGS
 
 import belm_kernels as bk
 from belm_kernels import extension, ops
-
-from test_codegen import CPP_EXTENSION_NVCC_FLAGS
 
 REPO = Path(__file__).resolve().parent.parent
 CSRC = REPO / "csrc"
@@ -174,7 +173,7 @@ def exact_reference(x, y, z, coef, inverse):
     per = coef.dim() == 2
     inner = x.numel() // (x.shape[0] if per else 1)
     for i, (xv, yv, zv) in enumerate(zip(x.reshape(-1).tolist(), y.reshape(-1).tolist(),
-                                         z.to(ct).reshape(-1).tolist())):
+                                         z.to(ct).reshape(-1).tolist(), strict=True)):
         a, b, c = (Fraction(v) for v in rows[i // inner if per else 0])
         xv, yv, zv = Fraction(xv), Fraction(yv), Fraction(zv)
         if inverse:
@@ -447,7 +446,8 @@ def cuda_host_harness(nvcc, tmp_path_factory):
 def _storage_view(t: torch.Tensor, offset_elems: int = 0):
     """A copy of t living at element offset offset_elems of a fresh 1-D buffer, with t's strides
     (as a strided view of its own buffer); returns (buffer, view)."""
-    span = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) if t.numel() else 0
+    reach = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride(), strict=True))
+    span = 1 + reach if t.numel() else 0
     buf = torch.zeros(offset_elems + max(span, 1), dtype=t.dtype)
     view = buf.as_strided(t.shape, t.stride(), offset_elems)
     view.copy_(t)
@@ -479,7 +479,7 @@ def _run_harness(exe, tmp_path, cases):
     proc = subprocess.run([str(exe), *dirs], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     results = []
-    for d, xbuf in zip(dirs, expected):
+    for d, xbuf in zip(dirs, expected, strict=True):
         line = Path(d, "result.txt").read_text().strip()
         out = None
         if line.startswith("ok"):
@@ -530,11 +530,11 @@ def test_cuda_kernel_code_on_host_matches_cpu_extension(cpu_ext, cuda_host_harne
         for inverse in (False, True):
             x, y, z, coef = make_inputs(shape, dtype, zdtype, per_sample and len(shape) > 0,
                                         seed=len(cases), inverse=inverse)
-            x, y, z = (_layout(t, k) for t, k in zip((x, y, z), layouts))
+            x, y, z = (_layout(t, k) for t, k in zip((x, y, z), layouts, strict=True))
             cases.append((x, y, z, coef, inverse, offs))
             ids.append((case_id, inverse, path))
     for (case_id, inverse, path), (line, out, expected) in zip(
-            ids, _run_harness(cuda_host_harness, tmp_path, cases)):
+            ids, _run_harness(cuda_host_harness, tmp_path, cases), strict=True):
         assert line.startswith("ok"), (case_id, line)
         for part in path.split():
             assert part in line, (case_id, line)
@@ -782,7 +782,7 @@ def test_killed_build_then_two_processes_at_once(tmp_path):
              "the first build to start")
     second = start()  # while the first one builds
     outputs = [p.communicate(timeout=600) for p in (first, second)]
-    for proc, (out, err) in zip((first, second), outputs):
+    for proc, (out, err) in zip((first, second), outputs, strict=True):
         assert proc.returncode == 0, err
         result = json.loads(out.strip().splitlines()[-1])
         assert result["listed"][0] == "cpu" and result["warnings"] == [], (result, err)
@@ -841,12 +841,12 @@ def test_cuda_matches_cpu_extension_bitwise(cpu_ext, cuda_ext, dtype, zdtype):
         for inverse in (False, True):
             x, y, z, coef = make_inputs(shape, dtype, zdtype, per_sample and len(shape) > 0,
                                         seed=7, inverse=inverse)
-            x, y, z = (_layout(t, k) for t, k in zip((x, y, z), layouts))
-            bufs = [_storage_view(t, o) for t, o in zip((x, y, z), offs)]
+            x, y, z = (_layout(t, k) for t, k in zip((x, y, z), layouts, strict=True))
+            bufs = [_storage_view(t, o) for t, o in zip((x, y, z), offs, strict=True)]
             expected = ext_op(bufs[0][1].clone(), bufs[1][1], bufs[2][1], coef, inverse)
             gbufs = [b.cuda() for b, _ in bufs]
             gviews = [g.as_strided(v.shape, v.stride(), o)
-                      for g, (_, v), o in zip(gbufs, bufs, offs)]
+                      for g, (_, v), o in zip(gbufs, bufs, offs, strict=True)]
             ext_op(gviews[0], gviews[1], gviews[2], coef.cuda(), inverse)
             torch.cuda.synchronize()
             assert torch.equal(gviews[0].cpu(), expected), (case_id, inverse)

@@ -9,8 +9,14 @@ hold once eps times that growth approaches 1).
 import pytest
 
 from belm_kernels import get_sampler
-from belm_kernels.accuracy import (DTYPES, convergence_order, default_flow_schedule, format_table,
-                                   roundtrip_bound, run_study)
+from belm_kernels.accuracy import (
+    DTYPES,
+    convergence_order,
+    default_flow_schedule,
+    format_table,
+    roundtrip_bound,
+    run_study,
+)
 
 STEPS = (10, 20, 50, 100)
 # The study (16 sampler configurations, each sampled, inverted and rebuilt in two dtypes, plus a

@@ -87,7 +87,7 @@ def test_obelm_matches_section_2b(fs, n, custom):
                                rtol=1e-12, atol=1e-12)
     pair = s.invert(V64, x0)
     ref_pair = obelm_inverse_reference(V64, x0, s.sigmas)
-    for got, ref in zip(pair, ref_pair):
+    for got, ref in zip(pair, ref_pair, strict=True):
         assert rel(got, ref) < 1e-12
     torch.testing.assert_close(s.sample(V64, *pair),
                                obelm_reference(V64, pair[0], s.sigmas, pair[1]),
@@ -221,7 +221,7 @@ def test_inputs_are_never_modified(method):
     s.sample(V64, x_T)
     s.sample(V64, x_T, x_T2)
     s.invert(V64, x0)
-    for t, c in zip((x_T, x_T2, x0), copies):
+    for t, c in zip((x_T, x_T2, x0), copies, strict=True):
         assert torch.equal(t, c)
 
 

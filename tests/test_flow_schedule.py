@@ -15,8 +15,7 @@ import torch
 import belm_kernels as bk
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers.pipelines.flux.pipeline_flux import (  # noqa: E402
-    calculate_shift as flux_calculate_shift)
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift as flux_calculate_shift  # noqa: E402
 
 RTOL = 3 * torch.finfo(torch.float32).eps
 # The flow configs the SD3 and Flux checkpoints ship (scheduler_config.json).

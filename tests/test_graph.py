@@ -11,11 +11,19 @@ import random
 
 import pytest
 import torch
+from test_batched import (
+    DIM,
+    MIXTURE,
+    SCHED,
+    _assert_untouched,
+    _snapshot,
+    assert_same,
+    random_request,
+    running,  # noqa: F401 (a fixture, used by name)
+)
 
 import belm_kernels as bk
 from belm_kernels.batched import DIRECTIONS, SUPPORTED, BatchedStepper, GraphCaptureError
-from test_batched import (DIM, MIXTURE, SCHED, _assert_untouched, _snapshot, assert_same,
-                          random_request, running)  # noqa: F401 (running is a fixture)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="CUDA graph capture needs a CUDA device")
@@ -101,7 +109,7 @@ def test_graph_replay_equals_eager_to_the_bit(method, direction, dtype):
         results.append([r.result for r in reqs])
         if graph:
             assert len(st._graphs) == 2  # one per buffer parity, replayed every other tick
-    for eager, replayed in zip(*results):
+    for eager, replayed in zip(*results, strict=True):
         assert_same(replayed, eager)
     eps_fn = gm.eps_fn(SCHED)
     if direction == "sample":
@@ -123,7 +131,7 @@ def test_graph_replay_with_joins_and_leaves(which):
     st = gpu_stepper(model, 4)
     replayed = serve(st, jobs, graph=True, cancel_seed=3)
     assert len(st._graphs) > 2
-    for e, r in zip(eager, replayed):
+    for e, r in zip(eager, replayed, strict=True):
         assert (e.result is None) == (r.result is None)
         if e.result is not None:
             assert_same(r.result, e.result)

@@ -106,7 +106,7 @@ def test_matches_reference(sigmas):
     assert close(sample_obelm(model, x, sigmas), reference(model, x, sigmas, False), 1e-12)
     x0 = GM.sample_data(6, torch.Generator().manual_seed(3))
     pair, ref = invert_obelm(model, x0, sigmas), reference(model, x0, sigmas, True)
-    for got, want in zip(pair, ref):
+    for got, want in zip(pair, ref, strict=True):
         assert close(got, want, 1e-10), (got - want).abs().max()
 
 

@@ -480,7 +480,7 @@ def expect_rejected(args, kwargs, exc, match, op, backend):
     before = [t.clone() for t in args[:3]]
     with pytest.raises(exc, match=match):
         OPS[op](*args, **{"backend": backend, **kwargs})
-    for name, t, t0 in zip("xyz", args, before):
+    for name, t, t0 in zip("xyz", args, before, strict=True):
         if t.device.type != "meta" and t.layout == torch.strided:
             assert_bitwise_equal(t, t0, f"{name} after a rejected call")
 
@@ -725,7 +725,7 @@ def test_gradients_of_a_non_leaf_x_mixed_dtypes(device, backend, op, coef_kind):
     tols = (8 * eps32 * want[0].abs(), 8 * eps32 * want[1].abs(),
             (eps_z + 8 * eps32) * want[2].abs(), (n + 8) * eps32 * scale)
     for name, got, ref, tol in zip(("w", "y", "z", "coef"), (w.grad, y.grad, z.grad, coef.grad),
-                                   want, tols):
+                                   want, tols, strict=True):
         assert got is not None and got.dtype == ref.dtype, name
         err = (got.double() - ref.double()).abs()
         assert (err <= tol.double()).all(), f"{name}: error {err.max():.3g} over the bound"
@@ -787,7 +787,7 @@ def test_torch_compile_gradients(device, backend):
     for t in (w, y, z, coef):
         t.grad = None
     step(w, y, z, coef).sum().backward()  # eager: checked against gradcheck above
-    for name, got, t in zip("wyzc", grads, (w, y, z, coef)):
+    for name, got, t in zip("wyzc", grads, (w, y, z, coef), strict=True):
         torch.testing.assert_close(got, t.grad, rtol=1e-12, atol=1e-12, msg=name)
 
 

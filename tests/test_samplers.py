@@ -22,7 +22,8 @@ def data(n=16, dtype=torch.float64):
 
 
 def noise(n=16, dtype=torch.float64):
-    return torch.randn(n, MODEL.dim, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(dtype)
+    gen = torch.Generator().manual_seed(4)
+    return torch.randn(n, MODEL.dim, generator=gen, dtype=torch.float64).to(dtype)
 
 
 # ------------------------------------------------------------------ against independent formulas
@@ -41,7 +42,8 @@ def test_obelm_matches_paper_equation_18():
     h = {i: sbar[i] - sbar[i - 1] for i in range(1, n + 1)}
     x = {n: noise()}
     e = eps_fn(x[n], t[n])
-    x[n - 1] = alpha[n - 1] / alpha[n] * x[n] + (sigma[n - 1] - alpha[n - 1] / alpha[n] * sigma[n]) * e
+    r = alpha[n - 1] / alpha[n]
+    x[n - 1] = r * x[n] + (sigma[n - 1] - r * sigma[n]) * e
     for i in range(n - 1, 0, -1):
         e = eps_fn(x[i], t[i])
         x[i - 1] = (h[i] ** 2 / h[i + 1] ** 2 * alpha[i - 1] / alpha[i + 1] * x[i + 1]
@@ -73,7 +75,8 @@ def test_sampling_from_pair_equals_sampling_after_ddim_step():
     x_T = noise()
     _, r, d = bk.coefficients.ddim(s.grid)[0]
     x_T2 = r * x_T + d * eps_fn(x_T, int(s.timesteps[0]))
-    torch.testing.assert_close(s.sample(eps_fn, x_T, x_T2), s.sample(eps_fn, x_T), rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(s.sample(eps_fn, x_T, x_T2), s.sample(eps_fn, x_T),
+                               rtol=1e-14, atol=1e-14)
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
@@ -139,7 +142,7 @@ def test_inputs_are_never_modified(method):
     s.sample(eps_fn, x_T)
     s.sample(eps_fn, x_T, x_T2)
     s.invert(eps_fn, x0)
-    for t, c in zip((x_T, x_T2, x0), copies):
+    for t, c in zip((x_T, x_T2, x0), copies, strict=True):
         assert torch.equal(t, c)
 
 
@@ -229,7 +232,8 @@ def eps_fn64(x, t):
     (lambda: bk.get_sampler("obelm", SCHED, 1), ValueError, "num_steps must be an int >= 2"),
     (lambda: bk.get_sampler("obelm", SCHED, 1001), ValueError, "at most num_train_timesteps"),
     (lambda: bk.get_sampler("obelm", SCHED, 10, gamma=0.5), TypeError, "unknown parameters"),
-    (lambda: bk.get_sampler("edict", SCHED, 10, p=1.0), ValueError, r"p must be a float in \(0, 1\)"),
+    (lambda: bk.get_sampler("edict", SCHED, 10, p=1.0), ValueError,
+     r"p must be a float in \(0, 1\)"),
     (lambda: bk.get_sampler("edict", SCHED, 10, p=0), ValueError, r"p must be a float in \(0, 1\)"),
     (lambda: bk.get_sampler("bdia", SCHED, 10, gamma="x"), TypeError, "gamma must be a float"),
     (lambda: bk.get_sampler("obelm", [0.9, 0.5]), TypeError, "schedule must be"),
@@ -237,8 +241,8 @@ def eps_fn64(x, t):
      "gamma=0 .* cannot be inverted"),
     (lambda: bk.get_sampler("obelm", SCHED, 5).sample(eps_fn64, noise(), noise(8)), ValueError,
      "x_T2 must have x_T's shape"),
-    (lambda: bk.get_sampler("obelm", SCHED, 5).sample(eps_fn64, noise(), noise().float()), ValueError,
-     "x_T2 must have x_T's dtype"),
+    (lambda: bk.get_sampler("obelm", SCHED, 5).sample(eps_fn64, noise(), noise().float()),
+     ValueError, "x_T2 must have x_T's dtype"),
     (lambda: bk.get_sampler("edict", SCHED, 5).sample(eps_fn64, noise(), noise(8)), ValueError,
      "x_T2 must have x_T's shape"),
     (lambda: bk.get_sampler("obelm", SCHED, 5).sample(lambda x, t: x[:1], noise()), ValueError,

@@ -52,6 +52,7 @@ random pipelines built offline, for trying the package without weights).
 """
 
 from .inversion import SUPPORTED_PIPELINES, image_latents, invert
+
 # SchedulerMixin is here (not in __all__) for diffusers' loader, which looks a component's base
 # class up in the module model_index.json names: this one in pipelines saved by version 0.1.0.
 from .scheduling_belm import BELMScheduler, SchedulerMixin  # noqa: F401
@@ -59,8 +60,12 @@ from .scheduling_belm_inverse import BELMInverseScheduler
 from .scheduling_flow_match_belm import FlowMatchBELMScheduler
 from .scheduling_flow_match_belm_inverse import FlowMatchBELMInverseScheduler
 from .scheduling_utils import LatentPair
-from .tiny_pipelines import (tiny_flux_pipeline, tiny_stable_diffusion_3_pipeline,
-                             tiny_stable_diffusion_pipeline, tiny_stable_diffusion_xl_pipeline)
+from .tiny_pipelines import (
+    tiny_flux_pipeline,
+    tiny_stable_diffusion_3_pipeline,
+    tiny_stable_diffusion_pipeline,
+    tiny_stable_diffusion_xl_pipeline,
+)
 
 __all__ = ["BELMScheduler", "BELMInverseScheduler", "FlowMatchBELMScheduler",
            "FlowMatchBELMInverseScheduler", "LatentPair", "SUPPORTED_PIPELINES", "image_latents",

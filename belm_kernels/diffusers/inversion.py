@@ -32,7 +32,8 @@ names the families' pipeline classes (the bulk commands check a model folder aga
 from __future__ import annotations
 
 import inspect
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch

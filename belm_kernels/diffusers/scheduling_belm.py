@@ -36,10 +36,10 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
+
 # SchedulerMixin: diffusers' pipeline loader looks the base class up in the namespace of the
 # module that model_index.json names (this one, for a saved pipeline with a BELMScheduler).
-from diffusers.schedulers.scheduling_utils import (  # noqa: F401
-    KarrasDiffusionSchedulers, SchedulerMixin)
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin  # noqa: F401
 
 from .. import coefficients
 from ..schedule import SPACINGS, Schedule, make_betas
@@ -134,7 +134,7 @@ class VPScheduleMixin(BELMSchedulerMixin, ConfigMixin):
         for option, (value, instead) in IGNORED_DDIM_OPTIONS.items():
             if getattr(self.config, option) == value:
                 warnings.warn(f"{type(self).__name__}: {option}={value} is ignored: {instead}",
-                              UserWarning)
+                              UserWarning, stacklevel=2)
         self._init_run_state()
 
     def _check_options(self) -> None:

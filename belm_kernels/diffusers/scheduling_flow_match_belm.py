@@ -42,6 +42,7 @@ import numbers
 import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+
 # SchedulerMixin: diffusers' pipeline loader looks the base class up in the namespace of the
 # module that model_index.json names (this one, for a saved pipeline with this scheduler).
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401

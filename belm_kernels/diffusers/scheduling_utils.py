@@ -40,14 +40,22 @@ longer belongs to the sample.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping, Sequence
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
-from ..ops import (BACKENDS, BackendUnavailableError, available_backends, check_like, coef_table,
-                   compute_dtype, lincomb3_, lincomb3_inverse_)
+from ..ops import (
+    BACKENDS,
+    BackendUnavailableError,
+    available_backends,
+    check_like,
+    coef_table,
+    compute_dtype,
+    lincomb3_,
+    lincomb3_inverse_,
+)
 
 STATE_DTYPES = (None, "float32", "float64")
 

@@ -178,8 +178,11 @@ def tiny_stable_diffusion_3_pipeline(seed: int = 0, *, scheduler=None, sample_si
     default size). The default scheduler is the ``FlowMatchEulerDiscreteScheduler`` SD3 ships
     (``shift=3.0``).
     """
-    from diffusers import (FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextModelWithProjection
 
     tokenizer = _tokenizer()
