@@ -16,8 +16,8 @@ The path of a call, top to bottom (each step in this module unless named):
 1. ``_check_args``: x, the 1 to MAX_TERMS terms and the outputs are dense float tensors with
    data, of one shape and device (each term and each output in any float dtype); coef becomes a
    contiguous (K+1,) or (B, K+1) tensor -- (M, K+1) or (B, M, K+1) for M outputs -- on x's
-   device in x's compute dtype (float32, or float64 for float64 x). ``_resolve_name`` turns the backend name
-   ("auto" or explicit) into one that is available here and supports x's dtype.
+   device in x's compute dtype (float32, or float64 for float64 x). ``_resolve_name`` turns the
+   backend name ("auto" or explicit) into one that is available here and supports x's dtype.
 2. The registered op ``belm::lincomb_`` (its outputs mutated in place; x None means the first
    output is also the first input, the in-place update). When autograd has to record the update
    (grad mode on and an argument requires grad), each output is ``belm::lincomb`` instead: the
