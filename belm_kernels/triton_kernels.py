@@ -13,7 +13,7 @@ is loaded before any output is stored (the in-place update passes x as outs[0] t
 float32 (float64 for float64 x), one IEEE rounding per operation (compiled with
 ``enable_fp_fusion=False``: no contraction), a correctly rounded division (``div_rn``; Triton's
 plain ``/`` on float32 is the approximate ``div.full.f32`` on NVIDIA GPUs), and one rounding per
-output to its own dtype on the store. The coefficients are read from device memory, never passed
+output to its own dtype on the store (see _narrow). The coefficients are read from device memory, never passed
 as Python floats, so a captured CUDA graph replays with whatever values were last written into
 the coef tensor. All element offsets are 64-bit.
 
@@ -155,6 +155,21 @@ if triton is not None:
         return w
 
     @triton.jit
+    def _narrow(r, dtype: tl.constexpr):
+        """r (compute dtype) rounded once to ``dtype``. A float64 result goes to float16 /
+        bfloat16 through float32 rounded to odd (truncated, the last bit set when inexact),
+        which makes the two conversions one correct rounding (a direct conversion is not one
+        everywhere: sm_80 has no float64 -> bfloat16 instruction, the interpreter none at all)."""
+        if r.dtype == tl.float64 and dtype.primitive_bitwidth == 16:
+            f = r.to(tl.float32)
+            back = f.to(tl.float64)
+            bits = f.to(tl.int32, bitcast=True)
+            bits -= (tl.abs(back) > tl.abs(r)).to(tl.int32)  # rounded away from zero: back off
+            bits |= (back != r).to(tl.int32)
+            r = bits.to(tl.float32, bitcast=True)
+        return r.to(dtype)
+
+    @triton.jit
     def _update(outs, x_ptr, terms, offs, mask, c, coef_ptr, rows_of_lanes, K: tl.constexpr,
                 M: tl.constexpr, INVERSE: tl.constexpr, GATHER: tl.constexpr):
         """One block of the update; mask None: the full, unmasked body. Every input is loaded
@@ -185,7 +200,7 @@ if triton is not None:
                     r = r / c0  # float64 division is IEEE round-to-nearest
                 else:
                     r = tl.math.div_rn(r, c0)
-            tl.store(outs[m] + offs, r.to(outs[m].dtype.element_ty), mask=mask)
+            tl.store(outs[m] + offs, _narrow(r, outs[m].dtype.element_ty), mask=mask)
 
     # Sizes are typed int64 and not specialised (no value-1 or divisible-by-16 variants: the body
     # is unmasked by construction); coef's alignment does not matter, the operands' does.
