@@ -91,11 +91,11 @@ BELM_INLINE void store_n(char* base, DType t, int64_t i, const typename VecT::V*
   }
 }
 
-// U * L consecutive elements from flat index i, the dtypes as Sig says: every input is read
-// before any output is written (out[0] may be x itself). acc = w0 * x, then acc = fma(w_j, t_j,
-// acc) per term, then (inverse) acc / d: the operations of Weights' comment, in that order, on
-// every path.
-template <typename VecT, int M, int U, typename Sig>
+// U * L consecutive elements from flat index i, the dtypes as Sig says and KF terms (0: o.nin - 1,
+// read at run time): every input is read before any output is written (out[0] may be x itself).
+// acc = w0 * x, then acc = fma(w_j, t_j, acc) per term, then (inverse) acc / d: the operations
+// of Weights' comment, in that order, on every path.
+template <typename VecT, int M, int U, typename Sig, int KF>
 BELM_INLINE void step(const Operands& o, int64_t i, const Weights<typename VecT::CT>& w) {
   using V = typename VecT::V;
   V acc[M][U];
@@ -111,7 +111,7 @@ BELM_INLINE void step(const Operands& o, int64_t i, const Weights<typename VecT:
     const V c = VecT::set1(w.w[m][0]);
     for (int u = 0; u < U; ++u) acc[m][u] = VecT::mul(c, v[u]);
   }
-  const int last = o.nin - 1;  // >= 1: K >= 1
+  const int last = KF > 0 ? KF : o.nin - 1;  // >= 1: K >= 1
   for (int j = 1; j < last; ++j) {
     load_n<VecT, U, typename Sig::Term>(v, o.in[j], o.in_t[j], i);
     accumulate(j);
@@ -129,21 +129,28 @@ BELM_INLINE void step(const Operands& o, int64_t i, const Weights<typename VecT:
 
 // Flat elements [begin, end) of contiguous operands, one coefficient row: U vectors per step,
 // then single vectors, then the scalar code (the same operations, one element at a time).
-template <typename CT, int M, typename Sig>
-void run_contiguous(const Operands& o, int64_t begin, int64_t end, const Weights<CT>& w) {
+template <typename CT, int M, typename Sig, int KF = 0>
+void run_contiguous(const Operands& operands, int64_t begin, int64_t end,
+                    const Weights<CT>& weights) {
   using VecT = Vec<CT>;
   constexpr int64_t L = VecT::L, U = VecT::U;
+  // Local copies: the outputs' stores cannot alias them, so the pointers, dtypes and
+  // coefficients stay in registers instead of being reloaded after every store.
+  const Operands o = operands;
+  const Weights<CT> w = weights;
   int64_t i = begin;
-  for (; i + U * L <= end; i += U * L) step<VecT, M, U, Sig>(o, i, w);
+  for (; i + U * L <= end; i += U * L) step<VecT, M, U, Sig, KF>(o, i, w);
   if constexpr (U > 1) {
-    for (; i + L <= end; i += L) step<VecT, M, 1, Sig>(o, i, w);
+    for (; i + L <= end; i += L) step<VecT, M, 1, Sig, KF>(o, i, w);
   }
-  for (; i < end; ++i) step<Scalar<CT>, M, 1, Sig>(o, i, w);
+  for (; i < end; ++i) step<Scalar<CT>, M, 1, Sig, KF>(o, i, w);
 }
 
 // The kernel for these operands: dtypes fixed at compile time (no branch per step) when every
 // operand has x's dtype (any M), or all but the last term does (M = 1: lincomb3_'s float16 model
-// output next to a float32 state, say); read at run time otherwise.
+// output next to a float32 state, say); read at run time otherwise. The three-term update of
+// the BELM samplers (lincomb3_: K = 2, M = 1) has its number of terms fixed too, which makes its
+// loop as lean as a kernel written for it alone.
 template <typename CT, int M>
 ContiguousFn<CT> contiguous_fn_m(const Operands& o) {
   const DType t = o.in_t[0], z = o.in_t[o.nin - 1];
@@ -160,7 +167,13 @@ ContiguousFn<CT> contiguous_fn_m(const Operands& o) {
       with_dtype(z, [&](auto z_tag) {
         using Z = decltype(z_tag);
         if constexpr (M == 1 || std::is_same_v<X, Z>) {
-          fn = &run_contiguous<CT, M, Signature<X, X, Z, X>>;
+          using Sig = Signature<X, X, Z, X>;
+          fn = &run_contiguous<CT, M, Sig>;
+          if constexpr (M == 1) {
+            if (o.nin == 3) {
+              fn = &run_contiguous<CT, M, Sig, 2>;
+            }
+          }
         }
       });
     }
