@@ -13,9 +13,9 @@ is loaded before any output is stored (the in-place update passes x as outs[0] t
 float32 (float64 for float64 x), one IEEE rounding per operation (compiled with
 ``enable_fp_fusion=False``: no contraction), a correctly rounded division (``div_rn``; Triton's
 plain ``/`` on float32 is the approximate ``div.full.f32`` on NVIDIA GPUs), and one rounding per
-output to its own dtype on the store (see _narrow). The coefficients are read from device memory, never passed
-as Python floats, so a captured CUDA graph replays with whatever values were last written into
-the coef tensor. All element offsets are 64-bit.
+output to its own dtype on the store (see _narrow). The coefficients are read from device
+memory, never passed as Python floats, so a captured CUDA graph replays with whatever values were
+last written into the coef tensor. All element offsets are 64-bit.
 
 Shape of the work. Every program updates one block of BLOCK consecutive elements of contiguous
 operands; a full block takes the mask-free body, whose loads and stores are 128-bit vectors
@@ -93,18 +93,21 @@ def vector_length(x_dtype: torch.dtype, out_dtypes) -> int:
     return 16 // min(d.itemsize for d in (x_dtype, *out_dtypes))
 
 
-def autotune_configs(x_dtype: torch.dtype, term_dtypes, out_dtypes) -> list[tuple[int, int]]:
+def autotune_configs(x_dtype: torch.dtype, term_dtypes, out_dtypes,
+                     inverse: bool = False) -> list[tuple[int, int]]:
     """(BLOCK, num_warps) candidates for autotuning: each thread moves 16 or 32 bytes of the
     narrowest of x and the outputs, with 4 or 8 warps, where no operand then moves more than 64
-    bytes per thread (a float64 term next to float16 x gets the 16-byte configurations only).
-    tests/test_codegen.py compiles them for sm_80/sm_90: none spills
+    bytes per thread (a float64 term next to float16 x gets the 16-byte configurations only) and,
+    for the inverse, no thread divides more than 8 elements (the correctly rounded division
+    calls a slow-path subroutine, across which every other element's value stays live: 16
+    spill). tests/test_codegen.py compiles them for sm_80/sm_90: none spills
     (bench/results/codegen_sm80_sm90.md)."""
     vec = vector_length(x_dtype, out_dtypes)
     widest = max(d.itemsize for d in (x_dtype, *term_dtypes, *out_dtypes))
     configs = []
     for nbytes in _BYTES_PER_THREAD:
         per_thread = nbytes // 16 * vec
-        if per_thread * widest > _MAX_BYTES_PER_THREAD:
+        if per_thread * widest > _MAX_BYTES_PER_THREAD or (inverse and per_thread > 8):
             continue
         configs += [(per_thread * 32 * warps, warps) for warps in _WARPS]
     return configs
@@ -135,12 +138,17 @@ def programs(plan: dict, block: int) -> int:
 
 if triton is not None:
 
+    # Short rows gather up to this many coefficients per element before the update (what the
+    # three-term update needs), more each where it is used (register pressure).
+    GATHER_AHEAD_MAX = tl.constexpr(4)
+
     @triton.jit
     def _coefficients(coef_ptr, row, K: tl.constexpr, M: tl.constexpr):
-        """The M * (K+1) coefficients of the scalar ``row``, as a tuple ordered (m, j)."""
+        """The M * (K+1) coefficients of ``row`` (a scalar, or one row per lane: a gather), as
+        a tuple ordered (m, j)."""
         c = ()
         for i in tl.static_range(M * (K + 1)):
-            c = c + (tl.load(coef_ptr + row * (M * (K + 1)) + i),)
+            c = c + (tl.load(coef_ptr + (row * (M * (K + 1)) + i)),)
         return c
 
     @triton.jit
@@ -256,7 +264,8 @@ if triton is not None:
                 rows_of_lanes = 0
             else:
                 # Rows shorter than LONG_ROWS_MIN: each lane finds its row and gathers its
-                # coefficients from the (cached) table where they are used (c empty). 32-bit
+                # coefficients from the (cached) table: all at once when they are few, else
+                # each where it is used (c empty), so that no more than one set is live. 32-bit
                 # divisions only: with pid = q * inner + r, start // inner = q * BLOCK +
                 # r * BLOCK // inner, and r * BLOCK, the lanes' offsets from row0's start and
                 # inner stay below 2^23.
@@ -265,10 +274,13 @@ if triton is not None:
                 row0 = q.to(tl.int64) * BLOCK + ((pid - q * inner32) * BLOCK) // inner32
                 first = (start - row0 * inner).to(tl.int32)  # where the block starts in row0
                 row = row0 + ((first + lanes) // inner32).to(tl.int64)
-                c = ()
                 rows_of_lanes = tl.minimum(row, rows - 1)  # lanes past the end: the last row
+                if M * (K + 1) <= GATHER_AHEAD_MAX:
+                    c = _coefficients(coef_ptr, rows_of_lanes, K, M)
+                else:
+                    c = ()
         offs = start + lanes.to(tl.int64)
-        gather: tl.constexpr = ROWS == "short"
+        gather: tl.constexpr = ROWS == "short" and M * (K + 1) > GATHER_AHEAD_MAX
         if left >= BLOCK:
             _update(outs, x_ptr, terms, offs, None, c, coef_ptr, rows_of_lanes, K, M, INVERSE,
                     gather)
@@ -282,13 +294,13 @@ if triton is not None:
 
     @functools.cache
     def _tuned_kernel(x_dtype: torch.dtype, term_dtypes: tuple, out_dtypes: tuple,
-                      in_place: bool):
+                      in_place: bool, inverse: bool):
         """The kernel autotuned for one call signature (the dtypes inside the tuples of pointers
-        are not part of the autotuner's own key), keyed on the size bucket and the flags."""
+        are not part of the autotuner's own key), keyed on the size bucket and the rows."""
+        configs = autotune_configs(x_dtype, term_dtypes, out_dtypes, inverse)
         return triton.autotune(
-            configs=[triton.Config({"BLOCK": block}, num_warps=warps)
-                     for block, warps in autotune_configs(x_dtype, term_dtypes, out_dtypes)],
-            key=["n_bucket", "INVERSE", "ROWS"],
+            configs=[triton.Config({"BLOCK": block}, num_warps=warps) for block, warps in configs],
+            key=["n_bucket", "ROWS"],
             # Benchmarking runs the kernel many times: an in-place x must be restored.
             restore_value=["x_ptr"] if in_place else [],
         )(_lincomb_kernel)
@@ -314,7 +326,7 @@ def _launch(outs: list[torch.Tensor], x: torch.Tensor, terms: list[torch.Tensor]
             and not torch.cuda.is_current_stream_capturing())
     if tune:
         kernel = _tuned_kernel(x.dtype, tuple(t.dtype for t in terms),
-                               tuple(o.dtype for o in outs), outs[0] is x)
+                               tuple(o.dtype for o in outs), outs[0] is x, bool(inverse))
         kernel[lambda meta: (programs(plan, meta["BLOCK"]),)](*args, **flags)
     else:
         block, warps = DEFAULT_CONFIG

@@ -16,8 +16,9 @@ configuration, and whether the operands are 16-byte aligned. The set (triton_var
   pair, both directions, shared and long rows on sm_90, the heaviest pair per x on sm_80, and
   short rows;
 * K = 1, 3 and 6 terms of mixed dtypes; M = 2 and 3 outputs, of one dtype and of several;
-* every autotuning configuration of a few signatures (each x dtype with its heaviest term, and
-  K = 6 with M = 3), on sm_90 and the heaviest on sm_80;
+* every autotuning configuration of a few signatures (the three-term update of each x dtype
+  with z of its dtype and with its heaviest z, and K = 6 with M = 3), on sm_90 (forward shared,
+  inverse shared and long) and the heaviest on sm_80;
 * unaligned operands (Triton's other specialisation, correct with narrower accesses).
 
 On each: compiles; the mask-free body's global accesses are exactly the expected vectors (128
@@ -124,13 +125,13 @@ class Variant:
         return any(SIZE[o] != narrowest for o in self.outs)
 
 
-def _autotune_configs(x: str, terms, outs) -> list[tuple[int, int]]:
+def _autotune_configs(x: str, terms, outs, inverse: bool) -> list[tuple[int, int]]:
     import torch
 
     from belm_kernels import triton_kernels
 
     return triton_kernels.autotune_configs(getattr(torch, x), [getattr(torch, t) for t in terms],
-                                           [getattr(torch, o) for o in outs])
+                                           [getattr(torch, o) for o in outs], inverse)
 
 
 def heaviest_term(x: str) -> str:
@@ -174,17 +175,15 @@ def triton_variants() -> list[Variant]:
     add(90, "float32", ("float16",), ("float32", "bfloat16"), False, "shared")
     add(90, "float64", MIXED_TERMS[:3], ("float64", "float16", "float32"), False, "long")
     add(90, "float16", ("float16", "float32"), ("float32",), True, "shared")
-    # Every autotuning configuration of a few signatures (shared and long rows are tuned).
-    tuned = [("float32", ("float32", "float32"), ("float32",)),
-             ("float16", ("float16", "float64"), ("float16",)),
-             ("bfloat16", ("bfloat16", "float64"), ("bfloat16",)),
-             ("float64", ("float64", "float16"), ("float64",)),
-             ("float32", MIXED_TERMS, ("float32",) * 3)]
+    # Every autotuning configuration of a few signatures (shared and long rows are tuned): the
+    # three-term update with z of x's dtype and with the heaviest z, for every x dtype.
+    tuned = [(x, (x, z), (x,)) for x in DTYPES for z in (x, heaviest_term(x))]
+    tuned.append(("float32", MIXED_TERMS, ("float32",) * 3))
     for x, terms, outs in tuned:
-        for config in _autotune_configs(x, terms, outs):
-            add(90, x, terms, outs, False, "shared", config=config)
-            add(90, x, terms, outs, True, "long", config=config)
-    for config in _autotune_configs(*tuned[-1]):
+        for inverse, rows in ((False, "shared"), (True, "shared"), (True, "long")):
+            for config in _autotune_configs(x, terms, outs, inverse):
+                add(90, x, terms, outs, inverse, rows, config=config)
+    for config in _autotune_configs(*tuned[-1], False):
         add(80, *tuned[-1], False, "long", config=config)
     # Unaligned operands.
     for x, terms, outs, inverse, rows in (
