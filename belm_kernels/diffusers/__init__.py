@@ -51,6 +51,7 @@ the flow schedule config), ``scheduling_flow_match_belm_inverse.py``, ``scheduli
 random pipelines built offline, for trying the package without weights).
 """
 
+from .fused import FUSED_SCHEDULERS, UnsupportedOptionError, fuse
 from .inversion import SUPPORTED_PIPELINES, image_latents, invert
 
 # SchedulerMixin is here (not in __all__) for diffusers' loader, which looks a component's base
@@ -67,7 +68,8 @@ from .tiny_pipelines import (
     tiny_stable_diffusion_xl_pipeline,
 )
 
-__all__ = ["BELMScheduler", "BELMInverseScheduler", "FlowMatchBELMScheduler",
+__all__ = ["fuse", "FUSED_SCHEDULERS", "UnsupportedOptionError",
+           "BELMScheduler", "BELMInverseScheduler", "FlowMatchBELMScheduler",
            "FlowMatchBELMInverseScheduler", "LatentPair", "SUPPORTED_PIPELINES", "image_latents",
            "invert", "tiny_flux_pipeline", "tiny_stable_diffusion_3_pipeline",
            "tiny_stable_diffusion_pipeline", "tiny_stable_diffusion_xl_pipeline"]
