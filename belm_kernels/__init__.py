@@ -22,7 +22,7 @@ __all__ = [
     "lincomb_inverse_", "lincomb",
     "BELMScheduler", "BELMInverseScheduler", "sample_obelm", "invert_obelm",
     "FLOW_SAMPLERS", "FlowSchedule", "calculate_shift", "BatchedStepper", "GraphCaptureError",
-    "FlowMatchBELMScheduler", "FlowMatchBELMInverseScheduler",
+    "FlowMatchBELMScheduler", "FlowMatchBELMInverseScheduler", "fuse",
 ]
 __version__ = "0.1.0"
 
@@ -32,10 +32,17 @@ __version__ = "0.1.0"
 _LAZY = {"BELMScheduler": "diffusers", "BELMInverseScheduler": "diffusers",
          "SchedulerMixin": "diffusers",
          "FlowMatchBELMScheduler": "diffusers", "FlowMatchBELMInverseScheduler": "diffusers",
-         "sample_obelm": "k_diffusion", "invert_obelm": "k_diffusion"}
+         "sample_obelm": "k_diffusion", "invert_obelm": "k_diffusion",
+         "fuse": "diffusers"}
+
+
+#: Submodules that load on first access too: ``bk.diffusers.fuse(...)``, ``bk.multistep``.
+_LAZY_MODULES = ("diffusers", "k_diffusion", "multistep", "roundoff")
 
 
 def __getattr__(name):
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -170,10 +170,18 @@ class TrackedLin(Lin):
     def __neg__(self):
         return TrackedLin({r: -c for r, c in self.coef.items()}, self.mag, self.err, self.sys)
 
+    def _operand(self, s) -> Approx:
+        """A scalar as a tensor operation uses it: rounded to the tensor dtype when it is wider
+        (a float64 sigma times float32 latents is computed in float32)."""
+        s = s if isinstance(s, Approx) else self.sys.const(s)
+        if self.sys.u_scalar < self.sys.u_tensor and math.isfinite(s.v):
+            s = Approx(s.v, s.e + self.sys.u_tensor * abs(s.v), self.sys)
+        return s
+
     def __mul__(self, s):
         if isinstance(s, Lin):
             return NotImplemented
-        s = s if isinstance(s, Approx) else self.sys.const(s)
+        s = self._operand(s)
         coef = {r: c * s.v for r, c in self.coef.items()}
         mag = {r: abs(s.v) * m for r, m in self.mag.items()}
         err = {r: _scaled(s.v, self.err[r]) + _scaled(self.mag[r] + self.err[r], s.e)
@@ -185,7 +193,7 @@ class TrackedLin(Lin):
     def __truediv__(self, s):
         if isinstance(s, Lin):
             return NotImplemented
-        s = s if isinstance(s, Approx) else self.sys.const(s)
+        s = self._operand(s)
         room = abs(s.v) - s.e
         with np.errstate(divide="ignore", invalid="ignore"):
             inv = float(1 / np.float64(s.v))
