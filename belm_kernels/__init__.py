@@ -22,7 +22,7 @@ __all__ = [
     "lincomb_inverse_", "lincomb",
     "BELMScheduler", "BELMInverseScheduler", "sample_obelm", "invert_obelm",
     "FLOW_SAMPLERS", "FlowSchedule", "calculate_shift", "BatchedStepper", "GraphCaptureError",
-    "FlowMatchBELMScheduler", "FlowMatchBELMInverseScheduler", "fuse",
+    "FlowMatchBELMScheduler", "FlowMatchBELMInverseScheduler",
 ]
 __version__ = "0.1.0"
 
@@ -32,8 +32,7 @@ __version__ = "0.1.0"
 _LAZY = {"BELMScheduler": "diffusers", "BELMInverseScheduler": "diffusers",
          "SchedulerMixin": "diffusers",
          "FlowMatchBELMScheduler": "diffusers", "FlowMatchBELMInverseScheduler": "diffusers",
-         "sample_obelm": "k_diffusion", "invert_obelm": "k_diffusion",
-         "fuse": "diffusers"}
+         "sample_obelm": "k_diffusion", "invert_obelm": "k_diffusion"}
 
 
 #: Submodules that load on first access too: ``bk.diffusers.fuse(...)``, ``bk.multistep``.

@@ -472,19 +472,22 @@ class _Ops(TorchDispatchMode):
 @pytest.mark.parametrize("cls", list(FUSED_SCHEDULERS))
 def test_a_step_is_one_fused_op_with_no_host_sync(cls):
     """No .item() (aten._local_scalar_dense), no nonzero: a loop of steps is capturable in one
-    CUDA graph; and the step's only compute op is the fused one (the others allocate or draw)."""
+    CUDA graph; the step's only compute op is the fused one, next to at most two others (output
+    allocations, the noise draw)."""
     config = {LCMScheduler: LCM, FlowMatchEulerDiscreteScheduler: SD3}.get(cls, SD15)
     s = fuse(make(cls, config))
     s.set_timesteps(6)
+    kwargs = {"eta": 0.5} if cls is DDIMScheduler else {}
     sample = torch.randn(SHAPE)
     for i, t in enumerate(s.timesteps):
         mo = model_output_for(sample, i)
         model_input = getattr(s, "scale_model_input", lambda x, t: x)(sample, t)
         with _Ops() as ops:
-            sample = s.step(mo, t, model_input).prev_sample
+            sample = s.step(mo, t, model_input, **kwargs).prev_sample
         assert "aten._local_scalar_dense" not in ops.names and "aten.nonzero" not in ops.names
-        compute = [n for n in ops.names if n not in ("aten.empty", "aten.randn")]
-        assert compute == ["belm.lincomb_"], ops.names
+        if i:  # (the first step of a run allocates the history, DDIM's eta > 0 its table)
+            compute = [n for n in ops.names if n not in ("aten.empty", "aten.randn")]
+            assert compute == ["belm.lincomb_"] and len(ops.names) <= 3, ops.names
 
 
 def test_the_step_is_located_as_diffusers_locates_it():

@@ -78,7 +78,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .. import multistep
 from ..multistep import DENOISED, FLOAT64, MODEL_OUTPUT, NOISE, PRED_ORIGINAL, PREV_SAMPLE, SAMPLE
-from ..ops import BACKENDS, compute_dtype, lincomb
+from ..ops import BACKENDS, _apply, compute_dtype, lincomb, lincomb_
 
 logger = logging.get_logger(__name__)
 
@@ -93,12 +93,15 @@ class _Plan(NamedTuple):
     """A step, ready to run: where each input comes from (``(None, i)``: the i-th of sample,
     model_output, noise; ``(stream, slot)``: a history ring slot), where each output goes
     (``(role, None)``: a fresh tensor; ``(role, (stream, slot))``), the coefficients on the device
-    in the compute dtype, and the step's table entry."""
+    in the compute dtype, and the step's table entry. ``in_noise``: the same step written into
+    the noise tensor the scheduler drew (``prev_sample`` first, ``x`` = the noise; its inputs are
+    the other terms), which saves the allocation of ``prev_sample``."""
 
     inputs: tuple
     outputs: tuple
     coef: torch.Tensor
     step: multistep.Step
+    in_noise: _Plan | None = None
 
 
 _ARGS = {SAMPLE: 0, MODEL_OUTPUT: 1, NOISE: 2}
@@ -245,21 +248,34 @@ class FusedSchedulerMixin:
         """The dtype the original gives output ``role``."""
         raise NotImplementedError
 
-    def _run(self, plan: _Plan, sample, model_output, noise=None) -> dict[str, torch.Tensor]:
-        """One fused op: the outputs of ``plan`` (and their aliases) by role."""
+    def _run(self, plan: _Plan, sample, model_output, noise=None,
+             drawn: bool = False) -> dict[str, torch.Tensor]:
+        """One fused op: the outputs of ``plan`` (and their aliases) by role. ``drawn``: the noise
+        was drawn here (not given), so ``prev_sample`` may be written into it."""
         args = (sample, model_output, noise)
         rings = self._rings
-        x, *terms = [args[i] if stream is None else rings[stream][i]
-                     for stream, i in plan.inputs]
-        outs = []
-        for role, slot in plan.outputs:
+        if (drawn and plan.in_noise is not None and noise.is_contiguous()
+                and noise.dtype == self._dtype(PREV_SAMPLE, sample, model_output)):
+            plan, x = plan.in_noise, None
+            terms = [args[i] if stream is None else rings[stream][i] for stream, i in plan.inputs]
+            outs = [noise]
+        else:
+            x, *terms = [args[i] if stream is None else rings[stream][i]
+                         for stream, i in plan.inputs]
+            outs = []
+        for role, slot in plan.outputs[len(outs):]:
             if slot is None:
                 outs.append(torch.empty(sample.shape, dtype=self._dtype(role, sample, model_output),
                                         device=sample.device))
             else:
                 outs.append(self._ring(slot[0], sample, model_output)[slot[1]])
-        lincomb(x, terms, plan.coef, out=outs, backend=self._fused_backend)
-        result = dict(zip(plan.step.outputs, outs, strict=True))
+        if x is None and len(outs) == 1:  # in place on the noise
+            lincomb_(noise, terms, plan.coef, backend=self._fused_backend)
+        elif x is None:  # in place on the noise, more outputs: the op's x is out[0] as it was
+            _apply(outs, None, terms, plan.coef, self._fused_backend, False, several=True)
+        else:
+            lincomb(x, terms, plan.coef, out=outs, backend=self._fused_backend)
+        result = {role: out for (role, _), out in zip(plan.outputs, outs, strict=True)}
         for role, same in plan.step.aliases.items():
             result[role] = result[same] if same in result else args[_ARGS[same]]
         return result
@@ -274,11 +290,12 @@ class FusedSchedulerMixin:
                 torch.empty(sample.shape, dtype=dtype, device=sample.device) for _ in range(size)]
         return ring
 
-    def _fused(self, k: int, sample, model_output, noise=None) -> dict[str, torch.Tensor]:
+    def _fused(self, k: int, sample, model_output, noise=None,
+               drawn: bool = False) -> dict[str, torch.Tensor]:
         if k == self._run_start:  # a new run: new history buffers (a run may change shape)
             self._rings = {}
         plan = self._plans_for(self._run_start, sample.device, sample.dtype)[k - self._run_start]
-        return self._run(plan, sample, model_output, noise)
+        return self._run(plan, sample, model_output, noise, drawn)
 
     def _single_plan(self, outs: dict, k: int, sample: torch.Tensor) -> _Plan:
         """A plan for a step whose coefficients are not in the run's table (a timestep that is not
@@ -292,20 +309,41 @@ def _make_plans(table: Sequence[multistep.Step], start: int, device, dtype) -> l
     """Plans for steps ``start`` .. of a run: ring slots resolved, coefficients moved to
     ``device`` in one copy (each step's a contiguous view)."""
     sizes = multistep.ring_sizes(table)
-    flat = torch.cat([s.coef.reshape(-1) for s in table]).to(device=device, dtype=dtype)
+    layouts = []  # per step: (inputs, outputs, coef) as tabulated, and written into the noise
+    for step in table:
+        layout = [(step.inputs, step.outputs, step.coef)]
+        if step.noise and PREV_SAMPLE in step.outputs:  # (a noise coefficient may be 0)
+            ins = (NOISE, *[r for r in step.inputs if r != NOISE])
+            outs = (PREV_SAMPLE, *[r for r in step.outputs if r != PREV_SAMPLE])
+            full = torch.cat([step.coef, torch.zeros(len(step.outputs), 1, dtype=torch.float64)],
+                             dim=1)
+            cols = [step.inputs.index(r) if r in step.inputs else -1 for r in ins]
+            coef = full[[step.outputs.index(r) for r in outs]][:, cols]
+            layout.append((ins, outs, coef))
+        layouts.append(layout)
+    flat = torch.cat([c.reshape(-1) for layout in layouts for _, _, c in layout]).to(
+        device=device, dtype=dtype)
     plans, offset = [], 0
-    for n, step in enumerate(table):
-        k = start + n
+
+    def plan(k, step, ins, outs, coef, skip, in_noise=None):
+        nonlocal offset
         inputs = []
-        for role in step.inputs:
+        for role in ins[skip:]:
             name, j = multistep.parse_role(role)
             inputs.append((None, _ARGS[role]) if j == 0 else (name, (k - j) % sizes[name]))
         outputs = tuple((role, (role, k % sizes[role]) if role in sizes else None)
-                        for role in step.outputs)
-        count = step.coef.numel()
-        coef = flat[offset:offset + count].view(step.coef.shape)
-        offset += count
-        plans.append(_Plan(tuple(inputs), outputs, coef, step))
+                        for role in outs)
+        # one row in place is lincomb_'s (K+1,) coefficients
+        shape = coef.shape[1:] if skip and len(outs) == 1 else coef.shape
+        view = flat[offset:offset + coef.numel()].view(shape)
+        offset += coef.numel()
+        return _Plan(tuple(inputs), outputs, view, step, in_noise)
+
+    for n, (step, layout) in enumerate(zip(table, layouts, strict=True)):
+        main = plan(start + n, step, *layout[0], skip=0)
+        if len(layout) > 1:
+            main = main._replace(in_noise=plan(start + n, step, *layout[1], skip=1))
+        plans.append(main)
     return plans
 
 
@@ -384,7 +422,7 @@ class FusedDDIMScheduler(FusedSchedulerMixin, DDIMScheduler):
                                  "that either `generator` or `variance_noise` stays `None`.")
             noise = variance_noise if variance_noise is not None else _randn(
                 model_output.shape, generator, model_output.device, model_output.dtype)
-        out = self._run(plan, sample, model_output, noise)
+        out = self._run(plan, sample, model_output, noise, drawn=variance_noise is None)
         if not return_dict:
             return (out[PREV_SAMPLE], out[PRED_ORIGINAL])
         return DDIMSchedulerOutput(prev_sample=out[PREV_SAMPLE],
@@ -433,7 +471,8 @@ class FusedDPMSolverMultistepScheduler(FusedSchedulerMixin, DPMSolverMultistepSc
                 noise = _randn(model_output.shape, generator, model_output.device, torch.float32)
             else:
                 noise = variance_noise.to(device=model_output.device, dtype=torch.float32)
-        prev_sample = self._fused(k, sample, model_output, noise)[PREV_SAMPLE]
+        prev_sample = self._fused(k, sample, model_output, noise,
+                                  drawn=variance_noise is None)[PREV_SAMPLE]
         if self.lower_order_nums < self.config.solver_order:
             self.lower_order_nums += 1
         self._step_index += 1
@@ -575,7 +614,7 @@ class FusedEulerAncestralDiscreteScheduler(FusedSchedulerMixin, EulerAncestralDi
                            "example.")
         k = self._start_step(timestep)
         noise = _randn(model_output.shape, generator, model_output.device, model_output.dtype)
-        out = self._fused(k, sample, model_output, noise)
+        out = self._fused(k, sample, model_output, noise, drawn=True)
         self._step_index += 1
         if not return_dict:
             return (out[PREV_SAMPLE], out[PRED_ORIGINAL])
@@ -628,7 +667,7 @@ class FusedLCMScheduler(FusedSchedulerMixin, LCMScheduler):
         if plan.step.noise:
             noise = _randn(model_output.shape, generator, model_output.device,
                            self._dtype(DENOISED, sample, model_output))
-        out = self._run(plan, sample, model_output, noise)
+        out = self._run(plan, sample, model_output, noise, drawn=True)
         self._step_index += 1
         if not return_dict:
             return (out[PREV_SAMPLE], out[DENOISED])
@@ -670,7 +709,7 @@ class FusedFlowMatchEulerDiscreteScheduler(FusedSchedulerMixin, FlowMatchEulerDi
         noise = None
         if self.config.stochastic_sampling:
             noise = _randn(sample.shape, generator, sample.device, torch.float32)
-        prev_sample = self._fused(k, sample, model_output, noise)[PREV_SAMPLE]
+        prev_sample = self._fused(k, sample, model_output, noise, drawn=True)[PREV_SAMPLE]
         self._step_index += 1
         if not return_dict:
             return (prev_sample,)
