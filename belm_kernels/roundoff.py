@@ -317,10 +317,11 @@ def _sum(terms) -> torch.Tensor | float:
 
 def original_error(lin: TrackedLin, values, history=None) -> torch.Tensor:
     """Bound on |original - exact| for an output ``lin`` (from ``Roundoff`` numbers): its rounding
-    ``sum_r err_r |t_r|`` plus the history errors it reads, ``sum_h mag_h B_h``."""
+    ``sum_r err_r |t_r|`` plus the errors of the history it reads, which the (linear) step
+    carries as ``sum_h |c_h| B_h``."""
     history = history or {}
     return _sum([e * values[r].abs() for r, e in lin.err.items() if e]
-                + [lin.mag[r] * b for r, b in history.items() if r in lin.mag])
+                + [abs(lin.coef[r]) * b for r, b in history.items() if r in lin.coef])
 
 
 def fused_error(step, row: int, lin64: TrackedLin, values, out_dtype: torch.dtype,

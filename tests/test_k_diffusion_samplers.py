@@ -12,9 +12,9 @@ k-diffusion==0.1.1.post1 torchsde torchdiffeq trampoline`` (and scipy).
 Error model: as ``tests/test_fused_schedulers.py`` (``belm_kernels.roundoff``), with k-diffusion's
 scalar arithmetic in the sigmas' dtype and its tensor operations in the latents'. To compare the
 runs step by step the model returns a fixed denoised tensor per call, independent of x: the runs
-are then linear in their inputs, and each state's bound carries the previous one (|c_x| B_x for
-the fused op, mag_x B_x for k-diffusion's chain). A test with a real denoiser checks the calling
-conventions (the model's arguments, extra_args, callback dicts).
+are then linear in their inputs, and each state's bound carries the previous one's, |c_x| B_x.
+A test with a real denoiser checks the calling conventions (the model's arguments, extra_args,
+callback dicts).
 """
 
 from __future__ import annotations
