@@ -246,18 +246,24 @@ class Roundoff:
 
     def log(self, a) -> Approx:
         a = a if isinstance(a, Approx) else self.const(a)
+        if not math.isfinite(a.v):  # log(inf) = inf, exactly
+            return Approx(math.log(a.v) if a.v > 0 else math.nan, 0.0, self)
         v = math.log(a.v) if a.v > 0 else -math.inf
         e = -math.log1p(-a.e / a.v) if a.e and a.e < a.v else (math.inf if a.e else 0.0)
         return a._round(v, e, TRANSCENDENTAL_ULPS)
 
     def exp(self, a) -> Approx:
         a = a if isinstance(a, Approx) else self.const(a)
+        if not math.isfinite(a.v):  # exp(-inf) = 0, exp(inf) = inf, exactly
+            return Approx(0.0 if a.v < 0 else math.inf, 0.0, self)
         v = math.exp(a.v) if a.v < 709 else math.inf
         return a._round(v, _scaled(v, math.expm1(a.e)) if math.isfinite(v) else 0.0,
                         TRANSCENDENTAL_ULPS)
 
     def expm1(self, a) -> Approx:
         a = a if isinstance(a, Approx) else self.const(a)
+        if not math.isfinite(a.v):  # expm1(-inf) = -1, expm1(inf) = inf, exactly
+            return Approx(-1.0 if a.v < 0 else math.inf, 0.0, self)
         v = math.expm1(a.v) if a.v < 709 else math.inf
         d = math.exp(a.v) if math.isfinite(v) else 0.0
         return a._round(v, _scaled(d, math.expm1(a.e)), TRANSCENDENTAL_ULPS)

@@ -219,7 +219,7 @@ class Lockstep:
         else:
             ours = self._step(model_output, timestep, sample, **kwargs)
         theirs = self.original.step(model_output, timestep, sample, **kwargs)
-        named = [dict(zip(self.fused.results, out, strict=True)) if isinstance(out, tuple)
+        named = [dict(zip(self.fused.fused_outputs, out, strict=True)) if isinstance(out, tuple)
                  else dict(out) for out in (ours, theirs)]
         self._check(*named, model_output, timestep, sample, states, kwargs)
         self.steps += 1

@@ -126,7 +126,7 @@ class FusedSchedulerMixin:
     #: The ``step`` arguments the coefficients depend on, at their defaults (DDIM's ``eta``).
     _default_step_args: dict = {}
     #: The outputs of ``step``, in the order of the original's tuple (``return_dict=False``).
-    results: tuple[str, ...] = (PREV_SAMPLE,)
+    fused_outputs: tuple[str, ...] = (PREV_SAMPLE,)
 
     # ------------------------------------------------------------------ options
     def _unsupported(self, option: str, value, why: str = "") -> UnsupportedOptionError:
@@ -373,7 +373,7 @@ class FusedDDIMScheduler(FusedSchedulerMixin, DDIMScheduler):
     """``DDIMScheduler`` with a fused ``step`` (eta 0 or > 0, any prediction type; no clipping or
     thresholding). Outputs ``prev_sample`` and ``pred_original_sample`` in one pass."""
 
-    results = (PREV_SAMPLE, PRED_ORIGINAL)
+    fused_outputs = (PREV_SAMPLE, PRED_ORIGINAL)
     _default_step_args = {"eta": 0.0, "use_clipped_model_output": False}
 
     def _check_options(self):
@@ -541,7 +541,7 @@ class FusedEulerDiscreteScheduler(FusedSchedulerMixin, EulerDiscreteScheduler):
     """``EulerDiscreteScheduler`` with a fused ``step`` (every grid option: Karras, exponential
     and beta sigmas, ...; no churn). Outputs ``prev_sample`` and ``pred_original_sample``."""
 
-    results = (PREV_SAMPLE, PRED_ORIGINAL)
+    fused_outputs = (PREV_SAMPLE, PRED_ORIGINAL)
 
     def _check_options(self):
         pass  # every option of the config only shapes the grid
@@ -585,7 +585,7 @@ class FusedEulerAncestralDiscreteScheduler(FusedSchedulerMixin, EulerAncestralDi
     caller's generator, drawn as the original draws it. Outputs ``prev_sample`` and
     ``pred_original_sample``."""
 
-    results = (PREV_SAMPLE, PRED_ORIGINAL)
+    fused_outputs = (PREV_SAMPLE, PRED_ORIGINAL)
 
     def _check_options(self):
         if self.config.prediction_type not in ("epsilon", "v_prediction"):
@@ -626,7 +626,7 @@ class FusedLCMScheduler(FusedSchedulerMixin, LCMScheduler):
     """``LCMScheduler`` with a fused ``step``: ``prev_sample`` and ``denoised`` in one pass (the
     last step returns ``denoised`` for both, as the original)."""
 
-    results = (PREV_SAMPLE, DENOISED)
+    fused_outputs = (PREV_SAMPLE, DENOISED)
 
     def _check_options(self):
         self._refuse_true("thresholding", "clip_sample")
