@@ -201,13 +201,27 @@ class Lockstep:
         self.original.scale_model_input(sample, *args, **kwargs)
         return self._scale(sample, *args, **kwargs)
 
-    def _formulas(self, start, dtype, args):
-        key = (start, dtype, *sorted(args.items()))
+    def _formulas(self, timestep, dtype, kwargs):
+        """(float64 table entry, Roundoff(float32) outputs, Roundoff(float64) outputs) of the
+        step the fused scheduler just took."""
+        fused = self.fused
+        if isinstance(fused, DDIMScheduler):  # each step depends on its timestep's value only
+            i = fused._view_index(timestep)
+            t = fused._ts_host[i] if i is not None else int(timestep)
+            args = dict(eta=float(kwargs.get("eta", 0.0)),
+                        use_clipped_model_output=kwargs.get("use_clipped_model_output", False))
+            f32, f64 = (fused._ddim_step(F, t, **args) for F in (
+                Roundoff(torch.float32, dtype), Roundoff(torch.float64)))
+            with multistep.ieee():
+                return multistep.tabulate([fused._ddim_step(multistep.FLOAT64, t, **args)])[0], \
+                    f32, f64
+        k, start = fused.step_index - 1, fused._run_start
+        key = (start, dtype)
         if key not in self.tracked:
-            self.tracked[key] = (self.fused.fused_steps(Roundoff(torch.float32, dtype), start,
-                                                        **args),
-                                 self.fused.fused_steps(Roundoff(torch.float64), start, **args))
-        return self.tracked[key]
+            self.tracked[key] = [fused.fused_steps(F, start) for F in (
+                Roundoff(torch.float32, dtype), Roundoff(torch.float64))]
+        f32, f64 = self.tracked[key]
+        return fused.fused_table(start)[k - start], f32[k - start], f64[k - start]
 
     def step(self, model_output, timestep, sample, **kwargs):
         kwargs = {**self.step_kwargs, **kwargs}
@@ -227,15 +241,8 @@ class Lockstep:
 
     def _check(self, ours, theirs, model_output, timestep, sample, states, kwargs):
         fused = self.fused
-        if isinstance(fused, DDIMScheduler):
-            k, start = fused._view_index(timestep), 0
-            args = dict(eta=float(kwargs.get("eta", 0.0)),
-                        use_clipped_model_output=kwargs.get("use_clipped_model_output", False))
-        else:
-            k, start, args = fused.step_index - 1, fused._run_start, {}
-        step = fused.fused_table(start, **args)[k - start]
-        f32, f64 = self._formulas(start, sample.dtype, args)
-        f32, f64 = f32[k - start], f64[k - start]
+        step, f32, f64 = self._formulas(timestep, sample.dtype, kwargs)
+        k = timestep if isinstance(fused, DDIMScheduler) else fused.step_index - 1
         values = {multistep.SAMPLE: sample.double(), multistep.MODEL_OUTPUT: model_output.double()}
         if step.noise:
             g = torch.Generator().manual_seed(0) if states is None else (
@@ -651,3 +658,16 @@ def test_the_example_runs_as_written(monkeypatch, capsys):
     runpy.run_path(str(script), run_name="__main__")
     out = capsys.readouterr().out
     assert "FusedEulerAncestralDiscreteScheduler: 4 steps" in out and "us fused" in out, out
+
+
+def test_ddim_takes_any_timestep_as_the_original_does():
+    """DDIM's step depends on the timestep's value only: plain ints, on or off the schedule, give
+    the original's step (within the error model)."""
+    for eta in (0.0, 0.5):
+        lock = Lockstep(make(DDIMScheduler, SD15), fuse(make(DDIMScheduler, SD15)))
+        lock.set_timesteps(50)
+        for t in (981, 500, 37):  # 981 is on SD 1.5's 50-step leading grid, the others are not
+            sample = torch.randn(SHAPE, generator=torch.Generator().manual_seed(t))
+            lock.step(model_output_for(sample, 0), t, sample, eta=eta,
+                      generator=torch.Generator().manual_seed(t))
+        assert lock.steps == 3 and lock.worst <= 1

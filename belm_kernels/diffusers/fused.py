@@ -410,10 +410,17 @@ class FusedDDIMScheduler(FusedSchedulerMixin, DDIMScheduler):
                              "'set_timesteps' after creating the scheduler")
         i = self._view_index(timestep)
         args = dict(eta=float(eta), use_clipped_model_output=bool(use_clipped_model_output))
+        if i is None:  # a number: DDIM's step depends on the timestep's value only
+            t = int(timestep)
+            i = self._ts_host.index(t) if t in self._ts_host else None
         if i is not None:
             plan = self._plans_for(0, sample.device, sample.dtype, **args)[i]
-        else:  # any other timestep, as the original allows: its own coefficients
-            plan = self._single_plan(self._ddim_step(FLOAT64, int(timestep), **args), 0, sample)
+        else:  # a timestep off the schedule, as the original allows: its own coefficients
+            key = ("off", t, *sorted(args.items()), sample.device, sample.dtype)
+            plan = self._plans.get(key)
+            if plan is None:
+                plan = self._plans[key] = self._single_plan(
+                    self._ddim_step(FLOAT64, t, **args), 0, sample)
         eta = args["eta"]
         noise = None
         if eta > 0:
