@@ -15,9 +15,12 @@ step j steps before this one. Outputs are the sampler's results (``"prev_sample"
 prediction ``"x0"``, UniPC's ``"x0"``/``"eps"`` and corrected ``"last_sample"``), which a later
 step reads back as ``"x0[-1]"`` and so on. A driver maps roles to buffers: history it owns in a
 ring with one slot more than the deepest lag, so that a step never writes a slot it reads (slot of
-``name`` at step k: ``k % ring``; of ``name[-j]``: ``(k - j) % ring``). Three drivers use the
-tables: the fused diffusers schedulers (:mod:`belm_kernels.diffusers.fused`), the k-diffusion-style
-functions (:mod:`belm_kernels.k_diffusion`) and the batched stepper.
+``name`` at step k: ``k % ring``; of ``name[-j]``: ``(k - j) % ring``); a lagged *input* (the
+previous denoiser output ``"model_output[-1]"`` of k-diffusion's DPM-Solver++(2M)) is what the
+driver was given at that step, kept by reference or copied. A multistep builder takes the step a
+run starts at (``start``, an img2img ``begin_index``): the warm-up of its order counts from there.
+Three drivers use the tables: the fused diffusers schedulers (:mod:`belm_kernels.diffusers.fused`),
+the k-diffusion-style functions (:mod:`belm_kernels.k_diffusion`) and the batched stepper.
 
 How a table is made. Each sampler's step is written once, line by line as the original writes it
 (same operations in the same order), on :class:`Lin` values (linear combinations of roles) and

@@ -129,11 +129,13 @@ class FusedSchedulerMixin:
     fused_outputs: tuple[str, ...] = (PREV_SAMPLE,)
 
     # ------------------------------------------------------------------ options
-    def _unsupported(self, option: str, value, why: str = "") -> UnsupportedOptionError:
+    def _unsupported(self, option: str, value, why: str = "",
+                     instead: str = "use the original scheduler for it"
+                     ) -> UnsupportedOptionError:
         original = type(self).__bases__[-1].__name__  # (FusedSchedulerMixin, the original)
         return UnsupportedOptionError(
             f"{original} with {option}={value!r} is not implemented by the fused step"
-            f"{' (' + why + ')' if why else ''}; use the original scheduler for it")
+            f"{' (' + why + ')' if why else ''}; {instead}")
 
     def _refuse_true(self, *options: str) -> None:
         for option in options:
@@ -510,8 +512,8 @@ class FusedUniPCMultistepScheduler(FusedSchedulerMixin, UniPCMultistepScheduler)
                 if broken:
                     raise self._unsupported(
                         option, value, "with final_sigmas_type='zero' diffusers' own last step is "
-                        "NaN: the log-SNR step to sigma 0 is infinite; use "
-                        "final_sigmas_type='sigma_min'")
+                        "NaN: the log-SNR step to sigma 0 is infinite",
+                        "use final_sigmas_type='sigma_min'")
 
     def _dtype(self, role, sample, model_output):
         if role in (PREV_SAMPLE, "last_sample"):
