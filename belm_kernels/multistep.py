@@ -19,8 +19,13 @@ ring with one slot more than the deepest lag, so that a step never writes a slot
 previous denoiser output ``"model_output[-1]"`` of k-diffusion's DPM-Solver++(2M)) is what the
 driver was given at that step, kept by reference or copied. A multistep builder takes the step a
 run starts at (``start``, an img2img ``begin_index``): the warm-up of its order counts from there.
-Three drivers use the tables: the fused diffusers schedulers (:mod:`belm_kernels.diffusers.fused`),
-the k-diffusion-style functions (:mod:`belm_kernels.k_diffusion`) and the batched stepper.
+A step lists its inputs in one canonical order (:func:`role_order`: sample, model_output, noise,
+then history by stream and lag), so that every step's inputs are, in order, a subsequence of its
+table's :func:`uniform` layout: the fused op's chain of multiply-adds then runs over the same
+terms in the same order whether a driver runs a step alone or zero-padded to the uniform layout,
+and zero terms add exactly nothing. Three drivers use the tables: the fused diffusers
+schedulers (:mod:`belm_kernels.diffusers.fused`), the k-diffusion-style functions
+(:mod:`belm_kernels.k_diffusion`) and the batched stepper (:mod:`belm_kernels.batched`).
 
 How a table is made. Each sampler's step is written once, line by line as the original writes it
 (same operations in the same order), on :class:`Lin` values (linear combinations of roles) and
@@ -54,6 +59,7 @@ import torch
 
 __all__ = [
     "FLOAT64", "Lin", "Step", "ieee", "tabulate", "ring_sizes", "uniform", "lag", "parse_role",
+    "role_order",
     "ddim", "dpm_solver", "unipc", "euler", "euler_ancestral", "lcm", "flow_euler",
     "k_euler", "k_euler_ancestral", "k_dpmpp_2m",
 ]
@@ -76,6 +82,16 @@ def parse_role(name: str) -> tuple[str, int]:
     """``"x0[-2]"`` -> ``("x0", 2)``; ``"sample"`` -> ``("sample", 0)``."""
     m = _LAG.match(name)
     return (m.group(1), int(m.group(2))) if m else (name, 0)
+
+
+_FIRST = {SAMPLE: 0, MODEL_OUTPUT: 1, NOISE: 2}
+
+
+def role_order(role: str) -> tuple:
+    """Sort key of the canonical input order: sample, model_output, noise, then history entries
+    by stream name and lag (``"last_sample[-1]"``, ``"x0[-1]"``, ``"x0[-2]"``)."""
+    name, j = parse_role(role)
+    return (_FIRST[name], "", 0) if j == 0 and name in _FIRST else (3, name, j)
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,6 +236,7 @@ def tabulate(steps: Iterable[Mapping[str, Lin]]) -> list[Step]:
                     name, j = parse_role(role)
                     if j:
                         needed.add((name, n - j))
+        inputs.sort(key=role_order)
         coef = torch.tensor([[float(lin.coef.get(r, 0.0)) for r in inputs]
                              for lin in computed.values()], dtype=torch.float64)
         draws = any(NOISE in lin.coef for lin in outs.values())
@@ -244,12 +261,14 @@ def uniform(table: Sequence[Step]) -> tuple[tuple[str, ...], tuple[str, ...], to
     first) and coef float64 (N, M, K+1), zero where a step does not read or write a role. For a
     driver that runs steps of different kinds in one op (the batched stepper: one coefficient row
     per sample). Aliased outputs are left out; a zero column still reads its buffer, so such a
-    driver fills history buffers with zeros before they are first written."""
+    driver fills history buffers with zeros before they are first written. The inputs are in the
+    canonical order (:func:`role_order`), so each step's are a subsequence of them."""
     inputs = [SAMPLE]
     outputs: list[str] = []
     for step in table:
         inputs += [r for r in step.inputs if r not in inputs]
         outputs += [r for r in step.outputs if r not in outputs]
+    inputs.sort(key=role_order)
     coef = torch.zeros(len(table), len(outputs), len(inputs), dtype=torch.float64)
     for n, step in enumerate(table):
         rows = [outputs.index(r) for r in step.outputs]

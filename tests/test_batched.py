@@ -289,7 +289,7 @@ def test_steady_tick_allocates_no_more_than_the_bare_op(directions):
         st.add(torch.randn(DIM, dtype=torch.float64), s, d)
     st.tick()  # warm up (backend resolution, lazy imports)
     ticked = _allocations(st.tick)
-    S, B = st._S, st._B
+    S, B = sum(r.direction == "sample" for r in st.requests), len(st)  # samplings first
     prev, cur, coef, eps = st._prev, st._cur, st._coef, st.model(st._cur, None)
 
     def bare():

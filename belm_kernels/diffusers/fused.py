@@ -250,6 +250,16 @@ class FusedSchedulerMixin:
         """The dtype the original gives output ``role``."""
         raise NotImplementedError
 
+    def _noise_dtype(self, sample: torch.Tensor, model_output: torch.Tensor) -> torch.dtype:
+        """The dtype the original draws its noise in (at the steps where it draws any)."""
+        return model_output.dtype
+
+    def fused_input_scales(self, start: int = 0) -> torch.Tensor | None:
+        """What ``scale_model_input`` does at steps ``start`` ..: it returns ``sample / d[k -
+        start]``, dividing by an element of this CPU tensor (as the original does), or the
+        sample as it is (None). The batched stepper scales each request's model input with it."""
+        return None
+
     def _run(self, plan: _Plan, sample, model_output, noise=None,
              drawn: bool = False) -> dict[str, torch.Tensor]:
         """One fused op: the outputs of ``plan`` (and their aliases) by role. ``drawn``: the noise
@@ -430,7 +440,8 @@ class FusedDDIMScheduler(FusedSchedulerMixin, DDIMScheduler):
                 raise ValueError("Cannot pass both generator and variance_noise. Please make sure "
                                  "that either `generator` or `variance_noise` stays `None`.")
             noise = variance_noise if variance_noise is not None else _randn(
-                model_output.shape, generator, model_output.device, model_output.dtype)
+                model_output.shape, generator, model_output.device,
+                self._noise_dtype(sample, model_output))
         out = self._run(plan, sample, model_output, noise, drawn=variance_noise is None)
         if not return_dict:
             return (out[PREV_SAMPLE], out[PRED_ORIGINAL])
@@ -459,6 +470,9 @@ class FusedDPMSolverMultistepScheduler(FusedSchedulerMixin, DPMSolverMultistepSc
             return model_output.dtype
         return _promote(sample, model_output)
 
+    def _noise_dtype(self, sample, model_output):
+        return torch.float32
+
     def fused_steps(self, F, start=0):
         cfg = self.config
         return multistep.dpm_solver(
@@ -477,7 +491,8 @@ class FusedDPMSolverMultistepScheduler(FusedSchedulerMixin, DPMSolverMultistepSc
         noise = None
         if self.config.algorithm_type == "sde-dpmsolver++":
             if variance_noise is None:
-                noise = _randn(model_output.shape, generator, model_output.device, torch.float32)
+                noise = _randn(model_output.shape, generator, model_output.device,
+                               self._noise_dtype(sample, model_output))
             else:
                 noise = variance_noise.to(device=model_output.device, dtype=torch.float32)
         prev_sample = self._fused(k, sample, model_output, noise,
@@ -560,6 +575,9 @@ class FusedEulerDiscreteScheduler(FusedSchedulerMixin, EulerDiscreteScheduler):
             return model_output.dtype
         return _promote_types(torch.float32, model_output.dtype)
 
+    def fused_input_scales(self, start=0):
+        return (self.sigmas[start:len(self.timesteps)] ** 2 + 1) ** 0.5  # as scale_model_input
+
     def fused_steps(self, F, start=0):
         s = self._fused_grid["sigmas"]
         return [multistep.euler(F, F.num(s[k]), F.num(s[k + 1]),
@@ -606,6 +624,9 @@ class FusedEulerAncestralDiscreteScheduler(FusedSchedulerMixin, EulerAncestralDi
             return model_output.dtype
         return _promote_types(torch.float32, model_output.dtype)
 
+    def fused_input_scales(self, start=0):
+        return (self.sigmas[start:len(self.timesteps)] ** 2 + 1) ** 0.5  # as scale_model_input
+
     def fused_steps(self, F, start=0):
         s = self._fused_grid["sigmas"]
         return [multistep.euler_ancestral(F, F.num(s[k]), F.num(s[k + 1]),
@@ -622,7 +643,8 @@ class FusedEulerAncestralDiscreteScheduler(FusedSchedulerMixin, EulerAncestralDi
                            "ensure correct denoising. See `StableDiffusionPipeline` for a usage "
                            "example.")
         k = self._start_step(timestep)
-        noise = _randn(model_output.shape, generator, model_output.device, model_output.dtype)
+        noise = _randn(model_output.shape, generator, model_output.device,
+                       self._noise_dtype(sample, model_output))
         out = self._fused(k, sample, model_output, noise, drawn=True)
         self._step_index += 1
         if not return_dict:
@@ -646,6 +668,9 @@ class FusedLCMScheduler(FusedSchedulerMixin, LCMScheduler):
 
     def _dtype(self, role, sample, model_output):
         return _promote(sample, model_output)
+
+    def _noise_dtype(self, sample, model_output):
+        return self._dtype(DENOISED, sample, model_output)
 
     def _lcm_step(self, F, k: int, timestep: int) -> dict:
         grid, ts = self._fused_grid, self._ts_host
@@ -675,7 +700,7 @@ class FusedLCMScheduler(FusedSchedulerMixin, LCMScheduler):
         noise = None
         if plan.step.noise:
             noise = _randn(model_output.shape, generator, model_output.device,
-                           self._dtype(DENOISED, sample, model_output))
+                           self._noise_dtype(sample, model_output))
         out = self._run(plan, sample, model_output, noise, drawn=True)
         self._step_index += 1
         if not return_dict:
@@ -694,6 +719,9 @@ class FusedFlowMatchEulerDiscreteScheduler(FusedSchedulerMixin, FlowMatchEulerDi
 
     def _dtype(self, role, sample, model_output):
         return model_output.dtype
+
+    def _noise_dtype(self, sample, model_output):
+        return torch.float32
 
     def fused_steps(self, F, start=0):
         s = self._fused_grid["sigmas"]
@@ -717,7 +745,8 @@ class FusedFlowMatchEulerDiscreteScheduler(FusedSchedulerMixin, FlowMatchEulerDi
         k = self._start_step(timestep)
         noise = None
         if self.config.stochastic_sampling:
-            noise = _randn(sample.shape, generator, sample.device, torch.float32)
+            noise = _randn(sample.shape, generator, sample.device,
+                           self._noise_dtype(sample, model_output))
         prev_sample = self._fused(k, sample, model_output, noise, drawn=True)[PREV_SAMPLE]
         self._step_index += 1
         if not return_dict:
