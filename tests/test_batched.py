@@ -53,12 +53,13 @@ def stepper(capacity=4, dtype=torch.float64, device="cpu", **kw):
                           device=device, cond_shape=(DIM,), **kw)
 
 
-def plain(req, x, cond, x_T2=None):
+def plain(req, x, cond, x_T2=None, backend="auto"):
     """What the request's sampler gives for it alone (a batch of one)."""
     eps_fn = plain_eps_fn(cond)
     if req.direction == "sample":
-        return req.sampler.sample(eps_fn, x[None], None if x_T2 is None else x_T2[None])[0]
-    return tuple(t[0] for t in req.sampler.invert(eps_fn, x[None]))
+        return req.sampler.sample(eps_fn, x[None], None if x_T2 is None else x_T2[None],
+                                  backend=backend)[0]
+    return tuple(t[0] for t in req.sampler.invert(eps_fn, x[None], backend=backend))
 
 
 def assert_same(result, expected):

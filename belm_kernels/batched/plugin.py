@@ -90,9 +90,60 @@ class Layout:
         return lags
 
 
+    def inputs(self) -> tuple[str, ...]:
+        return (self.x, *self.terms)
+
+    def outputs(self) -> tuple[str, ...]:
+        return ("prev", *self.history)
+
+
 #: The two-step samplers' layouts.
 TWO_STEP = Layout()
 TWO_STEP_INVERSE = Layout(inverse=True)
+
+# Orders of the roles in which every layout the plug-ins make lists its inputs: the tables'
+# canonical order (noise after the model output, or first where the op starts from it), with
+# "prev" -- only ever the op's x, as it is also written -- before all.
+_ORDERS = ({"prev": 0, "cur": 1, "model_output": 2, "noise": 3},
+           {"prev": 0, "noise": 1, "cur": 2, "model_output": 3})
+
+
+def merged(a: Layout, b: Layout) -> Layout | None:
+    """The smallest forward layout that runs both ``a`` and ``b`` with the same chains of
+    multiply-adds (zero where one of them does not read or write a role), or None.
+
+    Each layout's inputs stay in their order within the merged one, so a request of either
+    computes in it what it computes alone: a zero term adds exactly nothing, and a zero
+    leading coefficient gives a zero start (its buffer must hold finite values)."""
+    if a == b:
+        return a
+    if a.inverse or b.inverse:
+        return None
+    for rank in _ORDERS:
+        def key(role, rank=rank):
+            name, j = parse_role(role)
+            return (rank[role], "", 0) if not j else (4, name, j)
+
+        if all(list(c) == sorted(c, key=key) for c in (a.inputs(), b.inputs())):
+            roles = sorted(set(a.inputs()) | set(b.inputs()), key=key)
+            history = a.history + tuple(s for s in b.history if s not in a.history)
+            try:
+                return Layout(x=roles[0], terms=tuple(roles[1:]), history=history)
+            except ValueError:  # more terms or outputs than one op takes
+                return None
+    return None
+
+
+def embed(coef: torch.Tensor, src: Layout, dst: Layout) -> torch.Tensor:
+    """Coefficients (..., M, K+1) of layout ``src`` as those of ``dst`` (which holds all its
+    roles): the same numbers at their roles' places, zeros elsewhere."""
+    if src == dst:
+        return coef
+    rows = [dst.outputs().index(r) for r in src.outputs()]
+    cols = [dst.inputs().index(r) for r in src.inputs()]
+    out = coef.new_zeros(*coef.shape[:-2], *dst.shape)
+    out[..., torch.tensor(rows)[:, None], torch.tensor(cols)] = coef
+    return out
 
 
 @dataclass(frozen=True)

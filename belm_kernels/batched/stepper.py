@@ -43,13 +43,17 @@ from tqdm.auto import tqdm
 
 from ..ops import _apply, compute_dtype
 from ..schedule import Schedule
-from .plugin import Layout, Plan, Plugin
+from .plugin import Layout, Plan, Plugin, embed, merged
 from .schedulers import SchedulerPlugin
 from .two_step import TwoStepPlugin
 
 DIRECTIONS = ("sample", "invert")
 #: The sampler kinds a stepper runs, asked in this order which one takes a sampler.
 PLUGINS: list[Plugin] = [TwoStepPlugin(), SchedulerPlugin()]
+#: ``merge_bytes`` by device type: below about this much extra memory traffic per tick, one op
+#: over a zero-padded merged layout costs less than a second op launch (bench/bench_batched.py,
+#: part 3, measures both sides).
+MERGE_BYTES = {"cpu": 256 << 10, "cuda": 2 << 20}
 
 
 class GraphCaptureError(RuntimeError):
@@ -135,13 +139,18 @@ class BatchedStepper:
     time_dtype: the dtype of t: by default long for a ``Schedule`` (integer timesteps), float64
         otherwise. A request whose model times it cannot hold exactly is refused (Euler with
         Karras sigmas gives fractional timesteps: build the stepper with ``torch.float64``).
+    merge_bytes: a request whose layout differs from every group's joins the group whose
+        merged layout (zero-padded: :func:`~.plugin.merged`) adds the least memory traffic per
+        tick, if that is at most ``merge_bytes`` (one fewer op per tick); else it starts a group.
+        Default (None): ``MERGE_BYTES`` of the device type; 0 never merges.
     backend: the fused op's backend (see :func:`belm_kernels.lincomb`).
     """
 
     def __init__(self, model: Callable, schedule, sample_shape: Sequence[int], *,
                  capacity: int, dtype: torch.dtype = torch.float32, device="cpu",
                  cond_shape: Sequence[int] | None = None, cond_dtype: torch.dtype | None = None,
-                 time_dtype: torch.dtype | None = None, backend: str = "auto"):
+                 time_dtype: torch.dtype | None = None, merge_bytes: int | None = None,
+                 backend: str = "auto"):
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
@@ -153,6 +162,11 @@ class BatchedStepper:
         if time_dtype not in (torch.long, torch.float32, torch.float64):
             raise TypeError(f"time_dtype must be torch.long, torch.float32 or torch.float64, got "
                             f"{time_dtype!r}")
+        if merge_bytes is None:
+            merge_bytes = MERGE_BYTES.get(torch.device(device).type, 0)
+        if isinstance(merge_bytes, bool) or not isinstance(merge_bytes, int) or merge_bytes < 0:
+            raise ValueError(f"merge_bytes must be an int >= 0 or None, got {merge_bytes!r}")
+        self.merge_bytes = merge_bytes
         self.model, self.schedule, self.capacity = model, schedule, capacity
         self.sample_shape = torch.Size(sample_shape)
         self.dtype, self.time_dtype, self.backend = dtype, time_dtype, backend
@@ -288,22 +302,29 @@ class BatchedStepper:
         # it needs. What follows only copies between the stepper's own tensors.
         x, x_T2, cond = (None if t is None else t.detach().clone() for t in (x, x_T2, cond))
         n = plan.num_steps
-        coef = plan.coef.reshape(n, -1).to(device=self.device, dtype=self._ct)
+        group, layout = self._group_for(plan.layout)
+        coef = embed(plan.coef, plan.layout, layout).reshape(n, -1)
+        coef = coef.to(device=self.device, dtype=self._ct)
         times = times.to(self.device)
         scales = None if plan.scales is None else self._scale_rows(plan.scales)
         self._fit_tables(n, coef.shape[1], scaled=scales is not None)
-        for stream, lag in plan.layout.reads().items():
+        for stream, lag in layout.reads().items():
             self._fit_ring(stream, _ring_size(lag))
-        for stream in plan.layout.history:
+        for stream in layout.history:
             self._fit_ring(stream, 1)
-        if plan.draw is not None:
+        if "noise" in layout.inputs():
             self._fit_noise()
 
         # Every check passed: from here on the request joins.
         req = Request(name, plan.sampler, direction, n)
         req._plan, req._start, req._end = plan, self._ticks, self._ticks + n
-        req._group = self._group_for(plan.layout)
-        slot = self._open_slot(req._group)
+        if group is None:
+            group = _Group(layout, self._B, self._B)
+            self._groups.append(group)
+        elif group.layout != layout:
+            self._widen(group, layout)
+        req._group = group
+        slot = self._open_slot(group)
         req.slot = slot
         self._slots[slot] = req
         self._ends.setdefault(req._end, []).append(req)
@@ -429,12 +450,33 @@ class BatchedStepper:
                     self._bufs[0].shape, dtype=torch.promote_types(self.dtype, torch.float32))
             self._graphs.clear()
 
-    def _group_for(self, layout: Layout) -> _Group:
-        group = next((g for g in self._groups if g.layout == layout), None)
-        if group is None:
-            group = _Group(layout, self._B, self._B)
-            self._groups.append(group)
-        return group
+    def _group_for(self, layout: Layout) -> tuple[_Group | None, Layout]:
+        """The group a request of ``layout`` joins (None: a new one) and the group's layout
+        after it joins. Changes nothing."""
+        same = next((g for g in self._groups if g.layout == layout), None)
+        if same is not None:
+            return same, layout
+        passes = lambda lay: sum(lay.shape)  # noqa: E731 (buffers read or written per slot)
+        size = self.sample_shape.numel() * self._bufs[0].element_size()
+        best = (self.merge_bytes, None, layout)
+        for g in self._groups:
+            union = merged(g.layout, layout)
+            if union is None:
+                continue
+            extra = size * ((passes(union) - passes(g.layout)) * (g.hi - g.lo)
+                            + passes(union) - passes(layout))
+            if extra <= best[0]:
+                best = (extra, g, union)
+        return best[1], best[2]
+
+    def _widen(self, group: _Group, layout: Layout) -> None:
+        """Give a group a merged layout: its slots' coefficients at the new places."""
+        n, steps = group.hi - group.lo, self._coefs.shape[1]
+        old, new = group.layout.shape, layout.shape
+        rows = self._coefs[group.lo:group.hi, :, :old[0] * old[1]].reshape(n, steps, *old)
+        self._coefs[group.lo:group.hi, :, :new[0] * new[1]] = embed(
+            rows, group.layout, layout).reshape(n, steps, -1)
+        group.layout = layout
 
     def _open_slot(self, group: _Group) -> int:
         later = self._groups[self._groups.index(group) + 1:]
