@@ -52,7 +52,7 @@ from test_fused_schedulers import (  # noqa: E402
 
 import belm_kernels as bk  # noqa: E402
 from belm_kernels.batched import BatchedStepper, Layout, Plan  # noqa: E402
-from belm_kernels.batched.plugin import embed, merged  # noqa: E402
+from belm_kernels.batched.plugin import merged, relayout  # noqa: E402
 from belm_kernels.diffusers import fuse  # noqa: E402
 from belm_kernels.diffusers.fused import UnsupportedOptionError  # noqa: E402
 
@@ -114,8 +114,10 @@ BACKENDS = ["torch"] + [b for b in bk.available_backends("cpu") if b != "torch"]
 def model_time(stepper, sched, k):
     """What the stepper gives the model at step k of a scheduler request (one sample)."""
     if isinstance(stepper.schedule, bk.FlowSchedule):
-        return torch.tensor([float(sched.sigmas[k])], dtype=stepper.time_dtype)
-    return torch.tensor([sched.timesteps[k].item()]).to(stepper.time_dtype)
+        t = torch.tensor([float(sched.sigmas[k])], dtype=stepper.time_dtype)
+    else:
+        t = torch.tensor([sched.timesteps[k].item()]).to(stepper.time_dtype)
+    return t.to(stepper.device)
 
 
 def alone(stepper, req, x, cond, generator, step_kwargs, backend):
@@ -175,7 +177,7 @@ def scheduler_request(rng, gen, dtype, table=VP_SCHEDULERS):
     return sched, options, x, cond, rng.randrange(1 << 30)
 
 
-def serve_mixed(stepper, jobs, rng, cancel=0.1):
+def serve_mixed(stepper, jobs, rng, cancel=0.1, graph=False, generator_device="cpu"):
     """Runs jobs (("belm", args) or ("scheduler", args)) through the stepper, joining as slots
     free up and cancelling a few mid-run; returns (request, job) for every job."""
     queue, out = list(jobs), []
@@ -187,16 +189,16 @@ def serve_mixed(stepper, jobs, rng, cancel=0.1):
                 req = stepper.add(x, sampler, direction, x_T2=x_T2, cond=cond)
             else:
                 sched, options, x, cond, seed = args
-                req = stepper.add(x, sched, cond=cond,
-                                  generator=torch.Generator().manual_seed(seed), **options)
+                generator = torch.Generator(generator_device).manual_seed(seed)
+                req = stepper.add(x, sched, cond=cond, generator=generator, **options)
             out.append((req, kind, args))
         if len(stepper) > 1 and rng.random() < cancel:
             stepper.cancel(rng.choice(stepper.requests))
-        stepper.tick()
+        stepper.tick(graph=graph)
     return out
 
 
-def check_alone(stepper, served, backend):
+def check_alone(stepper, served, backend, generator_device="cpu"):
     """Every finished request equals its sampler alone on it, to the bit; its generator ends
     where the fused scheduler's alone does (the same draws, in the same order)."""
     finished = 0
@@ -209,7 +211,7 @@ def check_alone(stepper, served, backend):
             assert_same(req.result, plain(req, x, cond, x_T2, backend=backend))
         else:
             sched, options, x, cond, seed = args
-            mine = torch.Generator().manual_seed(seed)
+            mine = torch.Generator(generator_device).manual_seed(seed)
             step_kwargs = {k: v for k, v in options.items() if k == "eta"}
             expected = alone(stepper, req, x, cond, mine, step_kwargs, backend)
             assert torch.equal(req.result, expected), (req, (req.result - expected).abs().max())
@@ -260,6 +262,28 @@ def test_groups_per_layout_or_merged():
     assert [n for _, n in layouts[1]] == [4, 1] and layouts[1][1][0].inverse
     union = layouts[1][0][0]
     assert union.x == "prev" and union.history == ("x0", "last_sample")
+
+
+def test_a_merged_group_narrows_when_its_widest_member_leaves():
+    """A UniPC request widens the BELM samplings' group; when it is cancelled the group goes back
+    to the two-step layout (no padding left to pay), and the others end as alone."""
+    st = BatchedStepper(vp_model(), SCHED, (DIM,), capacity=3, dtype=torch.float64,
+                        cond_shape=(DIM,), backend="torch")
+    gen = torch.Generator().manual_seed(4)
+    x, cond = torch.randn(2, 2, DIM, generator=gen, dtype=torch.float64)
+    obelm = bk.get_sampler("obelm", SCHED, 8)
+    a = st.add(x[0], obelm, cond=cond[0])
+    st.tick()
+    u = st.add(x[1], UniPCMultistepScheduler.from_config(SD15), cond=cond[1],
+               num_inference_steps=6)
+    b = st.add(x[1], obelm, cond=cond[1])
+    assert len(st._groups) == 1 and st._groups[0].layout.history == ("x0", "last_sample")
+    st.tick()
+    st.cancel(u)
+    assert [g.layout for g in st._groups] == [Layout()]
+    st.run()
+    for req, i in ((a, 0), (b, 1)):
+        assert_same(req.result, plain(req, x[i], cond[i], backend="torch"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -335,6 +359,20 @@ def test_fractional_model_times_need_a_float_time_dtype():
     assert not float(served[0][0].sampler.timesteps[1]).is_integer()  # really fractional
     # the plain O-BELM sampler's eps_fn takes integer timesteps; the float64 ones equal them
     assert check_alone(st, served, "torch") == 4
+
+
+def test_float16_latents_as_alone():
+    """float16 states (float32 math): the model input scaled as torch divides a float16 sample
+    by a float32 scalar, float32 SDE noise in its own buffer next to float16 noise, history in
+    float16 -- each request still as its fused scheduler alone."""
+    rng, gen = random.Random(7), torch.Generator().manual_seed(7)
+    table = [row for row in VP_SCHEDULERS if row[0] in ("Euler (SDXL)", "Euler a (SDXL)",
+                                                        "SDE-DPM++ 2M", "UniPC", "LCM")]
+    jobs = [("scheduler", scheduler_request(rng, gen, torch.float16, table)) for _ in range(8)]
+    st = BatchedStepper(vp_model(), SCHED, (DIM,), capacity=4, dtype=torch.float16,
+                        cond_shape=(DIM,), backend="torch")
+    served = serve_mixed(st, jobs, rng, cancel=0)
+    assert check_alone(st, served, "torch") == 8
 
 
 def test_a_scheduler_set_to_begin_later_runs_from_there():
@@ -556,8 +594,10 @@ def test_layouts_merge_keeping_every_chain():
     wide = Layout(x="cur", terms=("model_output", "a[-1]", "b[-1]", "c[-1]", "d[-1]", "e[-1]"))
     assert merged(wide, Layout(x="cur", terms=("model_output", "f[-1]"))) is None  # 7 terms
     coef = torch.arange(1.0, 7.0).reshape(2, 3)
-    out = embed(coef[None], dpm2, merged(belm, dpm2))
+    wide = merged(belm, dpm2)
+    out = relayout(coef[None], dpm2, wide)
     assert out.tolist() == [[[0.0, 1.0, 2.0, 3.0], [0.0, 4.0, 5.0, 6.0]]]
+    assert torch.equal(relayout(out, wide, dpm2), coef[None])  # narrowed back
 
 
 @pytest.mark.parametrize("kw,match", [

@@ -134,15 +134,19 @@ def merged(a: Layout, b: Layout) -> Layout | None:
     return None
 
 
-def embed(coef: torch.Tensor, src: Layout, dst: Layout) -> torch.Tensor:
-    """Coefficients (..., M, K+1) of layout ``src`` as those of ``dst`` (which holds all its
-    roles): the same numbers at their roles' places, zeros elsewhere."""
+def relayout(coef: torch.Tensor, src: Layout, dst: Layout) -> torch.Tensor:
+    """Coefficients (..., M, K+1) of layout ``src`` as those of ``dst``: the same numbers at the
+    places of the roles both have, zeros elsewhere. ``dst`` must hold every role ``src`` gives a
+    nonzero coefficient (it holds all of them when it is merged from ``src``; a group narrowed
+    to its members' layouts drops only zero columns and rows)."""
     if src == dst:
         return coef
-    rows = [dst.outputs().index(r) for r in src.outputs()]
-    cols = [dst.inputs().index(r) for r in src.inputs()]
+    outs, ins = dst.outputs(), dst.inputs()
+    rows = [(i, outs.index(r)) for i, r in enumerate(src.outputs()) if r in outs]
+    cols = [(j, ins.index(r)) for j, r in enumerate(src.inputs()) if r in ins]
+    (si, di), (sj, dj) = (torch.tensor(pairs).T for pairs in (rows, cols))
     out = coef.new_zeros(*coef.shape[:-2], *dst.shape)
-    out[..., torch.tensor(rows)[:, None], torch.tensor(cols)] = coef
+    out[..., di[:, None], dj] = coef[..., si[:, None], sj]
     return out
 
 

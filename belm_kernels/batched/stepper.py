@@ -34,6 +34,7 @@ generator per request in the order its fused scheduler would draw.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from tqdm.auto import tqdm
 
 from ..ops import _apply, compute_dtype
 from ..schedule import Schedule
-from .plugin import Layout, Plan, Plugin, embed, merged
+from .plugin import Layout, Plan, Plugin, merged, relayout
 from .schedulers import SchedulerPlugin
 from .two_step import TwoStepPlugin
 
@@ -303,7 +304,7 @@ class BatchedStepper:
         x, x_T2, cond = (None if t is None else t.detach().clone() for t in (x, x_T2, cond))
         n = plan.num_steps
         group, layout = self._group_for(plan.layout)
-        coef = embed(plan.coef, plan.layout, layout).reshape(n, -1)
+        coef = relayout(plan.coef, plan.layout, layout).reshape(n, -1)
         coef = coef.to(device=self.device, dtype=self._ct)
         times = times.to(self.device)
         scales = None if plan.scales is None else self._scale_rows(plan.scales)
@@ -322,7 +323,7 @@ class BatchedStepper:
             group = _Group(layout, self._B, self._B)
             self._groups.append(group)
         elif group.layout != layout:
-            self._widen(group, layout)
+            self._relayout(group, layout)
         req._group = group
         slot = self._open_slot(group)
         req.slot = slot
@@ -469,13 +470,14 @@ class BatchedStepper:
                 best = (extra, g, union)
         return best[1], best[2]
 
-    def _widen(self, group: _Group, layout: Layout) -> None:
-        """Give a group a merged layout: its slots' coefficients at the new places."""
+    def _relayout(self, group: _Group, layout: Layout) -> None:
+        """Give a group another layout (merged with a joining request's, or narrowed to its
+        members' after one left): its slots' coefficients at the new places."""
         n, steps = group.hi - group.lo, self._coefs.shape[1]
         old, new = group.layout.shape, layout.shape
         rows = self._coefs[group.lo:group.hi, :, :old[0] * old[1]].reshape(n, steps, *old)
-        self._coefs[group.lo:group.hi, :, :new[0] * new[1]] = embed(
-            rows, group.layout, layout).reshape(n, steps, -1)
+        rows = relayout(rows, group.layout, layout).reshape(n, steps, -1)
+        self._coefs[group.lo:group.hi, :, :new[0] * new[1]] = rows
         group.layout = layout
 
     def _open_slot(self, group: _Group) -> int:
@@ -507,6 +509,11 @@ class BatchedStepper:
             free = g.hi
         self._groups = [g for g in self._groups if g.hi > g.lo]
         self._B -= 1
+        if group.hi > group.lo:  # no wider than its members need any more
+            members = [r._plan.layout for r in self._slots[group.lo:group.hi]]
+            narrow = functools.reduce(lambda a, b: a and merged(a, b), members)
+            if narrow is not None and narrow != group.layout:
+                self._relayout(group, narrow)
 
     def _move(self, src: int, dst: int) -> None:
         for buf in (*self._bufs, self._cond, self._coefs, self._times, self._scales, self._step):
