@@ -535,8 +535,17 @@ def test_example_runs(script, expected):
 
 def test_readme_example_runs(capsys):
     text = (ROOT / "README.md").read_text()
-    section = text.split("## Serving many requests", 1)[1]
-    code = section.split("```python\n", 1)[1].split("```", 1)[0]
-    exec(compile(code, "README.md (batched stepper)", "exec"), {})
+    section = text.split("## Serving many requests", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```python\n")[1:]]
+    namespace = {}
+    exec(compile(blocks[0], "README.md (batched stepper)", "exec"), namespace)
     out = capsys.readouterr().out
     assert out.count(", done)") == 6 and "invert, 20 steps" in out
+    pytest.importorskip("diffusers")
+    exec(compile(blocks[1], "README.md (batched schedulers)", "exec"), namespace)
+    out = capsys.readouterr().out
+    for line in ("DPMSolverMultistepScheduler, sample, 20 steps, done",
+                 "UniPCMultistepScheduler, sample, 8 steps, done",
+                 "EulerAncestralDiscreteScheduler, sample, 12 steps, done",
+                 "obelm, invert, 10 steps, done"):
+        assert line in out

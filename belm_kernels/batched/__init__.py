@@ -9,7 +9,9 @@ ticks.
 
 A sampler kind is a plug-in of the stepper (:mod:`.plugin`): it turns a request into a plan (the
 layout of its op and its roles, a coefficient table, model times, model-input scales, noise draws,
-how its result is read out); the stepper core (:mod:`.stepper`) knows nothing else about it.
+how its result is read out); the stepper core (:mod:`.stepper`) knows nothing else about it. A
+new kind is a :class:`~.plugin.Plugin` appended to ``PLUGINS`` (asked in order which one takes a
+sampler).
 
 * :mod:`.two_step`: the BELM two-step samplers -- DDIM / Euler, BDIA, O-BELM -- sampling (from
   noise or from an inverted pair) and inversion, exact (``lincomb_inverse_``) or DDIM's inexact
