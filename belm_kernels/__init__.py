@@ -5,6 +5,7 @@ import importlib
 from .batched import BatchedStepper, GraphCaptureError
 from .models import GaussianMixture
 from .ops import BackendUnavailableError, available_backends, lincomb3_, lincomb3_inverse_
+from .reversible import sample_reversible
 from .samplers import FLOW_SAMPLERS, SAMPLERS, Sampler, get_sampler
 from .schedule import FlowSchedule, Schedule, calculate_shift
 
@@ -13,7 +14,7 @@ __all__ = [
     "available_backends", "get_sampler", "lincomb3_", "lincomb3_inverse_",
     "BELMScheduler", "BELMInverseScheduler", "sample_obelm", "invert_obelm",
     "FLOW_SAMPLERS", "FlowSchedule", "calculate_shift", "BatchedStepper", "GraphCaptureError",
-    "FlowMatchBELMScheduler", "FlowMatchBELMInverseScheduler",
+    "FlowMatchBELMScheduler", "FlowMatchBELMInverseScheduler", "sample_reversible",
 ]
 __version__ = "0.1.0"
 
