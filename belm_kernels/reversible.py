@@ -131,10 +131,11 @@ class _Chain:
 # The model: evaluated under autograd, the tensors it differentiates found from its graph.
 
 
-def _leaves(out: torch.Tensor) -> list[torch.Tensor]:
-    """The leaf tensors requiring grad that ``out`` depends on: its graph's AccumulateGrad
-    nodes."""
-    found, seen, stack = [], set(), [out.grad_fn]
+def _walk(out: torch.Tensor, since: int | None) -> tuple[list[torch.Tensor], bool]:
+    """The leaf tensors requiring grad that ``out`` depends on (its graph's AccumulateGrad
+    nodes), and whether its graph reaches nodes made before sequence number ``since`` (a part
+    shared with other calls: conditioning prepared once under autograd; None: cannot tell)."""
+    found, seen, stack, shared = [], set(), [out.grad_fn], since is None
     while stack:
         node = stack.pop()
         if node is None or node in seen:
@@ -143,9 +144,20 @@ def _leaves(out: torch.Tensor) -> list[torch.Tensor]:
         variable = getattr(node, "variable", None)  # an AccumulateGrad node holds its leaf
         if variable is not None:
             found.append(variable)
-        else:
-            stack.extend(fn for fn, _ in node.next_functions)
-    return found
+            continue
+        if not shared and node._sequence_nr() < since:
+            shared = True
+        stack.extend(fn for fn, _ in node.next_functions)
+    return found, shared
+
+
+def _sequence_number(leaf: torch.Tensor) -> int | None:
+    """The autograd sequence number the next node made in this thread will exceed (private
+    torch API: None when it is missing, and then every graph counts as shared)."""
+    try:
+        return leaf.view_as(leaf).grad_fn._sequence_nr()
+    except AttributeError:
+        return None
 
 
 class _Model:
@@ -156,6 +168,7 @@ class _Model:
         self.sampler, self.fn, self.model_dtype = sampler, fn, model_dtype
         self.leaves: dict[int, torch.Tensor] = {}   # id -> leaf, in order of discovery
         self.grads: dict[int, torch.Tensor] = {}    # id -> accumulated gradient
+        self.shared = False  # some call's graph reaches outside it: keep graphs in the backward
         kind = device.type
         self._autocast = (functools.partial(
             torch.autocast, kind, dtype=torch.get_autocast_dtype(kind),
@@ -165,20 +178,23 @@ class _Model:
     def _call(self, x: torch.Tensor, t):
         leaf = x.to(self.model_dtype).detach().requires_grad_()
         with torch.enable_grad(), self._autocast():
+            since = _sequence_number(leaf)
             out = self.sampler._model(self.fn, leaf, t)
         if not out.requires_grad:
             raise RuntimeError(
                 "the model's output does not require grad although its input does: it ran under "
                 "torch.no_grad() or detached its input, so no gradient can flow through it")
-        return leaf, out
+        return leaf, out, since
 
     def forward(self, x: torch.Tensor, t, record: bool) -> torch.Tensor:
         """model(x, t) for the forward pass; ``record``: note the leaves it uses."""
         if not record:  # before a DRaFT-K window: no gradient flows here
             with torch.no_grad(), self._autocast():
                 return self.sampler._model(self.fn, x.to(self.model_dtype), t)
-        leaf, out = self._call(x, t)
-        for v in _leaves(out):
+        leaf, out, since = self._call(x, t)
+        leaves, shared = _walk(out, since)
+        self.shared |= shared
+        for v in leaves:
             if v is not leaf:
                 self.leaves.setdefault(id(v), v)
         return out.detach()
@@ -186,14 +202,14 @@ class _Model:
     def vjp(self, x: torch.Tensor, t):
         """(model(x, t), pull): pull(cotangent) accumulates the leaves' gradients and returns
         the gradient with respect to x."""
-        leaf, out = self._call(x, t)
+        leaf, out, _ = self._call(x, t)
         inputs = [leaf, *self.leaves.values()]
 
         def pull(cotangent: torch.Tensor) -> torch.Tensor:
-            # retain_graph: a graph part shared by every call (conditioning prepared once from a
-            # stand-in leaf) must survive; this call's own part is freed with out.
-            grads = torch.autograd.grad(out, inputs, cotangent.to(out.dtype), retain_graph=True,
-                                        allow_unused=True)
+            # A graph part shared by every call (conditioning prepared once from a stand-in
+            # leaf) must survive; otherwise the activations are freed as the VJP runs.
+            grads = torch.autograd.grad(out, inputs, cotangent.to(out.dtype),
+                                        retain_graph=self.shared, allow_unused=True)
             for key, g in zip(self.leaves, grads[1:], strict=True):
                 if g is not None:
                     if key in self.grads:

@@ -133,16 +133,18 @@ def test_unet_cfg_gradients_equal_full_autograd(kind, name):
 
 
 def test_captured_and_step_dependent_leaves_get_their_gradients():
-    """Leaves the model reaches by closure, and leaves it uses only at some steps, are found."""
+    """Leaves the model reaches by closure (directly, or behind a non-leaf it closes over, whose
+    graph then serves every step), and leaves it uses only at some steps, are found."""
     sampler = bk.get_sampler("obelm", VP, 8)
-    early, late = randn(DIM, seed=8), randn(DIM, seed=9)
+    early, late, behind = randn(DIM, seed=8), randn(DIM, seed=9), randn(DIM, seed=27)
+    captured = behind.exp()                     # a non-leaf made before the chain
     mlp = TimeMLP().double()
 
     def model(x, t):
-        return mlp(x, t) + (early if t > 500 else late) * x
+        return mlp(x, t) + (early if t > 500 else late) * x + captured
 
     x_T = randn(3, DIM, seed=10)
-    wrt = [x_T, early, late, *mlp.parameters()]
+    wrt = [x_T, early, late, behind, *mlp.parameters()]
     weight = randn(3, DIM, seed=11, grad=False)
     _, got = gradients(bk.sample_reversible, sampler, model, x_T, None, (), wrt, weight)
     _, want = gradients(sample_autograd, sampler, model, x_T, None, (), wrt, weight)
