@@ -372,8 +372,8 @@ def check_deterministic(modules: Iterable[torch.nn.Module]) -> None:
 
 
 def _check_options(x_T, state_dtype, last_k, num_steps, grad_hook) -> torch.dtype:
-    if state_dtype is None:
-        state_dtype = x_T.dtype
+    if state_dtype is None:  # 16-bit states cannot be rebuilt: their rounding is amplified
+        state_dtype = compute_dtype(x_T.dtype)
     if not isinstance(state_dtype, torch.dtype) or not state_dtype.is_floating_point:
         raise TypeError(f"state_dtype must be a float torch.dtype or None, got {state_dtype!r}")
     if torch.finfo(state_dtype).eps > torch.finfo(x_T.dtype).eps:
@@ -463,7 +463,7 @@ def sample_reversible(sampler: Sampler, model: Callable, x_T: torch.Tensor,
     ``FlowSchedule``). ``model(x, t, *cond)``: the noise (or velocity) prediction, as the
     sampler's ``eps_fn(x, t)`` with the tensors of ``cond`` as extra arguments. Returns the sample
     (in x_T's dtype), the same values as ``sampler.sample(lambda x, t: model(x, t, *cond), x_T,
-    x_T2, backend=backend)``.
+    x_T2, backend=backend)`` (float32 or float64 x_T, default ``state_dtype``).
 
     Its backward computes the gradients with respect to x_T and x_T2, every tensor in ``cond``
     (leaf or not: a non-leaf gets its gradient once, through its own graph) and every leaf tensor
@@ -478,9 +478,12 @@ def sample_reversible(sampler: Sampler, model: Callable, x_T: torch.Tensor,
       first) with the gradient of the loss with respect to the two states carried after that
       step (O-BELM / BDIA: x_j and x_{j+1}; EDICT: its x and y), in the states' compute dtype;
       it may modify them in place or return a replacement pair (clipping, logging).
-    * ``state_dtype``: keep the states in a wider dtype than x_T's (``torch.float64``, as the
-      diffusers schedulers' ``state_dtype``): the model then gets x_T's dtype, and the rebuilt
-      states give it back the very latents of the forward pass (see :func:`rebuild_bound`).
+    * ``state_dtype``: the dtype of the states (default: x_T's, at least float32: rebuilt 16-bit
+      states are off by their rounding amplified over the steps). ``torch.float64`` (as the
+      diffusers schedulers' ``state_dtype``) for float32 or 16-bit latents: the model still gets
+      x_T's dtype, and the rebuilt states give it back the very latents of the forward pass, so
+      the gradients are those of full autograd through the same chain (see
+      :func:`rebuild_bound`).
 
     The model must be deterministic (an ``nn.Module`` with dropout in training mode is refused)
     and use the same tensors requiring grad at every step. Grad mode must be on and something

@@ -17,10 +17,20 @@ events; GPU: ``torch.cuda.max_memory_allocated``), from one run; time is the med
 ``--repeats`` interleaved runs. Targets: reversible's peak flat in N (at most 1.1x from N=10 to
 N=100) and its time at most 2.5x full autograd's.
 
+Precision (``--part precision``): with float32 or bfloat16 latents the rebuilt states drift at
+rounding. For O-BELM, BDIA and EDICT on the VP and the flow (SD3, shift 3) grids, N = 10 and 50,
+latents float64 / float32 / bfloat16 with states in their own dtype or wider, on a smaller MLP
+and the tiny UNet with guidance: the rebuild drift (max |rebuilt - forward| over the model's
+inputs, relative to the largest), the error model's bound for it
+(``belm_kernels.reversible.rebuild_bound``), the gradient's relative error against full
+autograd through the same chain in the same dtypes (x_T and the parameters), and full autograd's
+own error against the same weights in float64.
+
 Writes bench/results/reversible_<device-slug>.csv, .md and .png, stamped (bench/stamp.py).
 
     python bench/bench_reversible.py                  # CPU unless a GPU is present
     python bench/bench_reversible.py --device cuda --no-unet
+    python bench/bench_reversible.py --part precision
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import math
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 from stamp import device_slug, stamp  # noqa: E402
 
 import belm_kernels as bk  # noqa: E402
-from belm_kernels.reversible import peak_memory, sample_autograd  # noqa: E402
+from belm_kernels.reversible import peak_memory, rebuild_bound, sample_autograd  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 SCHED = bk.Schedule.from_betas(0.00085, 0.012, "scaled_linear")
@@ -145,6 +156,109 @@ def measure(case, device, steps, repeats):
     return rows
 
 
+# ------------------------------------------------------------------------------ precision
+
+FLOW = bk.FlowSchedule(shift=3.0)
+PRECISIONS = [(torch.float64, None), (torch.float32, None), (torch.float32, torch.float64),
+              (torch.bfloat16, None), (torch.bfloat16, torch.float32),
+              (torch.bfloat16, torch.float64)]
+
+
+def _name(dtype):
+    return "-" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _gradients(fn, sampler, model, params, x_T, state_dtype):
+    """Gradients of a fixed loss to x_T and the parameters, and the model's inputs in order."""
+    seen = []
+
+    def recorded(x, t):
+        seen.append(x.detach().clone())
+        return model(x, t)
+
+    x = x_T.detach().requires_grad_()
+    out = fn(sampler, recorded, x, state_dtype=state_dtype)
+    weight = torch.linspace(-1, 1, out.numel(), dtype=torch.float64, device=out.device)
+    grads = torch.autograd.grad((out.double().flatten() * weight).sum(), [x, *params])
+    return [g.double().flatten() for g in grads], seen
+
+
+def _rel(got, want):
+    num = sum(float((g - w).square().sum()) for g, w in zip(got, want, strict=True))
+    den = sum(float(w.square().sum()) for w in want)
+    return math.sqrt(num / den)
+
+
+def precision(case, device, steps):
+    name, make, shape = case
+    rows = []
+    for kind, schedule in (("VP", SCHED), ("flow", FLOW)):
+        for method in ("obelm", "bdia", "edict"):
+            for n in steps:
+                sampler = bk.get_sampler(method, schedule, n)
+                model64, params64 = make(torch.float64)
+                x64 = torch.randn(shape, generator=torch.Generator().manual_seed(0),
+                                  dtype=torch.float64).to(device)
+                truth, _ = _gradients(sample_autograd, sampler, model64, params64, x64, None)
+                for dtype, state in PRECISIONS:
+                    model, params = make(dtype)
+                    x_T = x64.to(dtype)
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", RuntimeWarning)  # BDIA's bound warning
+                        got, seen = _gradients(bk.sample_reversible, sampler, model, params, x_T,
+                                               state)
+                    want, _ = _gradients(sample_autograd, sampler, model, params, x_T, state)
+                    calls = len(seen) // 2
+                    forward, rebuilt = seen[:calls], seen[calls:][::-1]
+                    scale = max(float(a.double().abs().max()) for a in forward)
+                    drift = max(float((a.double() - b.double()).abs().max())
+                                for a, b in zip(forward, rebuilt, strict=True)) / scale
+                    rows.append({
+                        "model": name, "grid": kind, "method": method, "steps": n,
+                        "latents": _name(dtype), "states": _name(state or dtype),
+                        "drift": f"{drift:.1e}",
+                        "bound": f"{rebuild_bound(sampler, state or dtype):.1e}",
+                        "grad_err_vs_autograd": f"{_rel(got, want):.1e}",
+                        "autograd_err_vs_float64": f"{_rel(want, truth):.1e}"})
+                    print("  ".join(f"{v}" for v in rows[-1].values()), flush=True)
+    return rows
+
+
+def mlp_precision_case(device):
+    def make(dtype):
+        torch.manual_seed(0)
+        model = TimeMLP((4, 8, 8), 256).to(device, dtype)
+        return model, list(model.parameters())
+
+    return "MLP 4x4x8x8, hidden 256", make, (4, 4, 8, 8)
+
+
+def unet_precision_case(device, guidance=3.0):
+    from belm_kernels.diffusers import tiny_stable_diffusion_pipeline
+
+    def make(dtype):
+        pipe = tiny_stable_diffusion_pipeline(sample_size=8, device=device, dtype=dtype)
+        unet = pipe.unet
+        unet.requires_grad_(False)
+        tuned = [unet.conv_out.weight.requires_grad_()]
+        with torch.no_grad():
+            text, negative = pipe.encode_prompt("a red fox", device, 1, True,
+                                                negative_prompt="")
+        embeds = torch.cat([negative, text])
+
+        def model(x, t):
+            noise = unet(torch.cat([x, x]), t, encoder_hidden_states=embeds).sample
+            uncond, txt = noise.chunk(2)
+            return uncond + guidance * (txt - uncond)
+
+        return model, tuned
+
+    return "tiny SD UNet + CFG, 1x4x8x8", make, (1, 4, 8, 8)
+
+
+# ------------------------------------------------------------------------------ output
+
+
 def plot(rows, path, title):
     import matplotlib
 
@@ -178,15 +292,40 @@ def plot(rows, path, title):
     plt.close(fig)
 
 
-def write(rows, info, slug, out_dir, command):
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = out_dir / f"reversible_{slug}.csv"
-    with open(csv_path, "w", newline="") as f:
+def _csv(path, rows, info):
+    with open(path, "w", newline="") as f:
         for key, value in info.items():
             f.write(f"# {key}: {value}\n")
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write_precision(rows, info, slug, out_dir, command):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / f"reversible_precision_{slug}.csv"
+    _csv(csv_path, rows, info)
+    lines = [f"# Gradients through sampling: rebuild drift and gradient error on {info['device']}",
+             "", "  ".join(f"{k}: {v}" for k, v in info.items()), "",
+             "`drift`: max |rebuilt - forward| over the model's inputs, relative to the largest "
+             "input; `bound`: the error model of the rebuilt states in the states' dtype "
+             "(`rebuild_bound`, first order: meaningless for 16-bit states); `grad vs autograd`: "
+             "relative L2 error of the gradient (x_T and the parameters together) against full "
+             "autograd through the same chain in the same dtypes; `autograd vs float64`: full "
+             "autograd's own error against the same weights in float64.", "",
+             "| model | grid | method | N | latents | states | drift | bound | grad vs autograd "
+             "| autograd vs float64 |", "|---|---|---|---:|---|---|---:|---:|---:|---:|"]
+    lines += ["| " + " | ".join(str(v) for v in r.values()) + " |" for r in rows]
+    lines += ["", f"Reproduce: `{command}`", ""]
+    md_path = out_dir / f"reversible_precision_{slug}.md"
+    md_path.write_text("\n".join(lines))
+    return csv_path, md_path
+
+
+def write(rows, info, slug, out_dir, command):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / f"reversible_{slug}.csv"
+    _csv(csv_path, rows, info)
     png_path = out_dir / f"reversible_{slug}.png"
     plot(rows, png_path, f"Gradients through an O-BELM chain on {info['device']}")
     lines = [f"# Gradients through sampling: memory and time against N on {info['device']}", "",
@@ -211,7 +350,10 @@ def write(rows, info, slug, out_dir, command):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", default="10,20,50,100", help="numbers of steps N")
+    parser.add_argument("--part", choices=["memory", "precision"], default="memory",
+                        help="memory and time against N, or rebuild drift and gradient error")
+    parser.add_argument("--steps", default=None,
+                        help="numbers of steps N (default: 10,20,50,100; precision: 10,50)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-unet", action="store_true", help="skip the diffusers UNet model")
@@ -223,15 +365,24 @@ def main(argv=None):
     device = torch.device(args.device)
     info = stamp(device)
     print("  ".join(f"{k}: {v}" for k, v in info.items()))
-    steps = [int(n) for n in args.steps.split(",")]
-    cases = [mlp_case(device)] + ([] if args.no_unet else [unet_case(device)])
-    rows = []
-    for case in cases:
-        rows += measure(case, device, steps, args.repeats)
+    default = "10,50" if args.part == "precision" else "10,20,50,100"
+    steps = [int(n) for n in (args.steps or default).split(",")]
     command = "python bench/bench_reversible.py " + " ".join(argv if argv is not None
                                                              else sys.argv[1:])
-    for path in write(rows, info, device_slug(device, info) + args.tag, args.out_dir,
-                      command.strip()):
+    slug = device_slug(device, info) + args.tag
+    rows = []
+    if args.part == "precision":
+        cases = [mlp_precision_case(device)] + ([] if args.no_unet
+                                                else [unet_precision_case(device)])
+        for case in cases:
+            rows += precision(case, device, steps)
+        paths = write_precision(rows, info, slug, args.out_dir, command.strip())
+    else:
+        cases = [mlp_case(device)] + ([] if args.no_unet else [unet_case(device)])
+        for case in cases:
+            rows += measure(case, device, steps, args.repeats)
+        paths = write(rows, info, slug, args.out_dir, command.strip())
+    for path in paths:
         print("wrote", path)
 
 

@@ -280,6 +280,17 @@ def test_wide_states_give_the_model_its_forward_latents_back(kind):
         assert bool(((a - b).abs() <= ulp).all())
 
 
+def test_16_bit_latents_keep_float32_states_by_default():
+    sampler = bk.get_sampler("obelm", FLOW, 6)
+    model = TimeMLP().to(torch.bfloat16)
+    x_T = randn(2, DIM, seed=28, dtype=torch.bfloat16)
+    out = bk.sample_reversible(sampler, model, x_T)
+    wide = bk.sample_reversible(sampler, model, x_T, state_dtype=torch.float32)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, wide)
+    with pytest.warns(RuntimeWarning, match="nor the gradients can be trusted"):  # 16-bit states
+        bk.sample_reversible(sampler, model, x_T, state_dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("name", EXACT)
 def test_float32_gradient_of_a_linear_model_within_rounding(name):
     """A model linear in x has a Jacobian that does not depend on the state, so the gradient with
