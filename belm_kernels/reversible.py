@@ -33,9 +33,9 @@ states, as the diffusers schedulers keep them): the model still sees latents in 
 now the very roundings the forward pass fed it, so the per-step vector-Jacobian products are those
 of full autograd through the same wide-state chain.
 
-The model must be deterministic (same output for the same input: no dropout in training mode) and
-must use the same tensors requiring grad at every step it is called with; tensors it uses are found
-by walking the autograd graph of each model call of the forward pass.
+The model must be deterministic (same output for the same input: no dropout in training mode). The
+tensors it differentiates are found by walking the autograd graph of each of its calls in the
+forward pass (which therefore runs the model under autograd too, one call's graph at a time).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class _Line(NamedTuple):
 
 
 class _Chain:
-    """The lines of ``sampler``'s steps from (x_T, x_T2) on two state buffers of ``state_dtype``.
+    """The lines of ``sampler``'s steps from (x_T, x_T2) on two state buffers like ``like``.
 
     Buffer 0 starts as x_T and buffer 1 as x_T2 (or x_T). O-BELM / BDIA: step j writes the older
     state, buffer (j - first) % 2, from the other one (from the pair, step 0 is skipped); EDICT:
@@ -88,9 +88,9 @@ class _Chain:
         ct = compute_dtype(like.dtype)
         times = sampler.model_times
 
-        def adjoint(row, model):
+        def adjoint(row, model_line):
             one = torch.ones((), dtype=ct, device=row.device)
-            return torch.stack([one, row[1], one if model else row[2]])
+            return torch.stack([one, row[1], one if model_line else row[2]])
 
         self.edict = isinstance(sampler, EDICTSampler)
         if self.edict:
@@ -485,9 +485,8 @@ def sample_reversible(sampler: Sampler, model: Callable, x_T: torch.Tensor,
       the gradients are those of full autograd through the same chain (see
       :func:`rebuild_bound`).
 
-    The model must be deterministic (an ``nn.Module`` with dropout in training mode is refused)
-    and use the same tensors requiring grad at every step. Grad mode must be on and something
-    must require grad, or a ValueError says so.
+    The model must be deterministic (an ``nn.Module`` with dropout in training mode is refused).
+    Grad mode must be on and something must require grad, or an error says so.
     """
     if not callable(model):
         raise TypeError(f"model must be callable as model(x, t, *cond), got "

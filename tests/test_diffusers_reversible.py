@@ -238,3 +238,15 @@ def test_example_runs_as_written(args, tmp_path, monkeypatch, capsys):
     before, after = map(float, re.search(r"loss ([\d.]+) -> ([\d.]+)", out).groups())
     assert after < before, out
     assert len(list(tmp_path.glob("belm_optimize_*.png"))) == 3
+
+
+def test_readme_pipeline_snippet_runs_as_written():
+    from test_reversible import readme_blocks
+
+    namespace = {}
+    core, pipeline = readme_blocks()
+    exec(compile(core, "README.md", "exec"), namespace)
+    exec(compile(pipeline, "README.md", "exec"), namespace)
+    assert namespace["noise"].grad is not None and namespace["image"].shape == (1, 3, 32, 32)
+    weights = namespace["pipe"].text_encoder.parameters()
+    assert any(w.grad is not None and bool(w.grad.abs().sum() > 0) for w in weights)

@@ -440,3 +440,17 @@ def test_untrustworthy_bound_warns():
     with pytest.warns(RuntimeWarning, match="nor the gradients can be trusted"):
         bk.sample_reversible(sampler, model, x_T)
     assert math.isfinite(rebuild_bound(bk.get_sampler("obelm", VP, 60), torch.float64))
+
+
+def readme_blocks():
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Gradients through sampling", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def test_readme_snippet_runs_as_written(capsys):
+    exec(compile(readme_blocks()[0], "README.md", "exec"), {})
+    assert float(capsys.readouterr().out) < 1e-12   # the same gradient as full autograd
