@@ -291,6 +291,23 @@ def test_16_bit_latents_keep_float32_states_by_default():
         bk.sample_reversible(sampler, model, x_T, state_dtype=torch.bfloat16)
 
 
+def test_autocast_is_reentered_in_the_backward_pass():
+    """Under CPU autocast (bfloat16 matmuls) the backward re-evaluation must run the model as the
+    forward pass did: with float64 states its float32 inputs come back within one ulp (far from
+    the bfloat16-sized differences a float32 re-evaluation would give)."""
+    sampler = bk.get_sampler("obelm", VP, 10)
+    model = TimeMLP(dim=32, hidden=64).float()
+    x_T = randn(8, 32, seed=30, dtype=torch.float32)
+    fn, seen = recording(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = bk.sample_reversible(sampler, fn, x_T, state_dtype=torch.float64)
+    out.float().square().sum().backward()
+    calls = len(seen) // 2
+    for a, b in zip(seen[:calls], seen[calls:][::-1], strict=True):
+        ulp = torch.finfo(torch.float32).eps * a.abs().clamp_min(torch.finfo(torch.float32).tiny)
+        assert bool(((a - b).abs() <= ulp).all())
+
+
 @pytest.mark.parametrize("name", EXACT)
 def test_float32_gradient_of_a_linear_model_within_rounding(name):
     """A model linear in x has a Jacobian that does not depend on the state, so the gradient with
