@@ -56,6 +56,7 @@ random pipelines built offline, for trying the package without weights).
 
 from .fused import FUSED_SCHEDULERS, UnsupportedOptionError, fuse
 from .inversion import SUPPORTED_PIPELINES, image_latents, invert
+from .reversible import decode, sample_reversible
 
 # SchedulerMixin is here (not in __all__) for diffusers' loader, which looks a component's base
 # class up in the module model_index.json names: this one in pipelines saved by version 0.1.0.
@@ -73,6 +74,7 @@ from .tiny_pipelines import (
 
 __all__ = ["fuse", "FUSED_SCHEDULERS", "UnsupportedOptionError",
            "BELMScheduler", "BELMInverseScheduler", "FlowMatchBELMScheduler",
-           "FlowMatchBELMInverseScheduler", "LatentPair", "SUPPORTED_PIPELINES", "image_latents",
-           "invert", "tiny_flux_pipeline", "tiny_stable_diffusion_3_pipeline",
-           "tiny_stable_diffusion_pipeline", "tiny_stable_diffusion_xl_pipeline"]
+           "FlowMatchBELMInverseScheduler", "LatentPair", "SUPPORTED_PIPELINES", "decode",
+           "image_latents", "invert", "sample_reversible", "tiny_flux_pipeline",
+           "tiny_stable_diffusion_3_pipeline", "tiny_stable_diffusion_pipeline",
+           "tiny_stable_diffusion_xl_pipeline"]
