@@ -129,12 +129,12 @@ def test_from_config_of_the_sd3_and_flux_configs(config, mu, tmp_path):
 
 
 @pytest.mark.parametrize("option,value", [
-    ("invert_sigmas", True), ("shift_terminal", 0.1), ("use_karras_sigmas", True),
+    ("invert_sigmas", True), ("final_sigmas_type", "sigma_min"), ("use_karras_sigmas", True),
     ("use_exponential_sigmas", True), ("use_beta_sigmas", True), ("time_shift_type", "linear"),
     ("stochastic_sampling", True)])
 @pytest.mark.parametrize("cls", [FlowMatchBELMScheduler, FlowMatchBELMInverseScheduler])
 def test_options_flow_schedule_does_not_implement_are_refused(cls, option, value):
-    assert set(UNSUPPORTED_OPTIONS) == {"invert_sigmas", "shift_terminal", "use_karras_sigmas",
+    assert set(UNSUPPORTED_OPTIONS) == {"invert_sigmas", "final_sigmas_type", "use_karras_sigmas",
                                         "use_exponential_sigmas", "use_beta_sigmas",
                                         "time_shift_type", "stochastic_sampling"}
     msg = f"{cls.__name__} does not support {option}={value!r}"
@@ -603,14 +603,16 @@ def test_wrong_latents_for_the_pipeline(sd3_pipe, flux_pipe):
     x0 = image_latents(flux_pipe, IMAGE)  # (1, 16, 16) packed
     unpacked = vae_latents(flux_pipe, IMAGE)  # (1, 4, 8, 8)
     with pytest.raises(ValueError, match=r"FluxPipeline takes packed latents of shape \(batch, "
-                                         r"tokens, 16\) .* got shape \(1, 4, 8, 8\); pack .* "
-                                         r"pipe._pack_latents\(latents"):
+                                         r"tokens=16, channels=16\), got shape \(1, 4, 8, 8\); "
+                                         r"pack .* pipe._pack_latents\(latents"):
         invert(flux_pipe, latents=unpacked, num_inference_steps=4, **FLUX_CALL)
-    with pytest.raises(ValueError, match=r"packed latents of a 32x32 image have shape \(batch, "
-                                         r"64, 16\), got \(1, 16, 16\): pass the height and width"):
+    with pytest.raises(ValueError, match=r"packed latents of 32x32 have shape \(batch, "
+                                         r"tokens=64, channels=16\), got \(1, 16, 16\): pass "
+                                         r"the height and width"):
         invert(flux_pipe, latents=x0, height=32, width=32, num_inference_steps=4, **FLUX_CALL)
-    with pytest.raises(ValueError, match=r"StableDiffusion3Pipeline latents have shape \(batch, "
-                                         r"4, height, width\), got \(1, 16, 16\)"):
+    with pytest.raises(ValueError, match=r"StableDiffusion3Pipeline takes latents of shape "
+                                         r"\(batch, channels=4, height, width\), got shape "
+                                         r"\(1, 16, 16\)"):
         invert(sd3_pipe, latents=x0, num_inference_steps=4, **SD3_CALL)
     # a pair made on another pipeline kind is refused by the scheduler
     flux_pair = invert(flux_pipe, latents=x0, num_inference_steps=4, progress=False, **FLUX_CALL)
