@@ -209,7 +209,8 @@ def test_ignored_ddim_options_warn_from_the_constructor_and_from_config(option, 
 
 def test_zero_terminal_snr_where_the_grid_does_not_visit_it():
     """rescale_betas_zero_snr=True puts alpha = 0 at timestep 999 only: "leading" spacing never
-    visits it and round-trips exactly; a grid that does visit it is refused with a clear error."""
+    visits it and round-trips exactly; for an epsilon model a grid that does visit it is refused
+    with a clear error (v_prediction: test_zero_snr_grid_of_a_v_prediction_model)."""
     config = DDIMScheduler(**SD, rescale_betas_zero_snr=True, steps_offset=1,
                            clip_sample=False).config
     s = BELMScheduler.from_config(config)
@@ -226,7 +227,8 @@ def test_zero_terminal_snr_where_the_grid_does_not_visit_it():
     assert rel(run(s, fn, inv.latent_pair.x_T2), x0) < 1e-12
     for spacing in ("trailing", "linspace"):
         t = BELMScheduler.from_config(config, timestep_spacing=spacing)
-        with pytest.raises(ValueError, match="visits timestep 999, where alphas_cumprod is 0"):
+        with pytest.raises(ValueError, match="visits timestep 999, whose alphas_cumprod is 0 .*"
+                                             "an epsilon model cannot predict the data"):
             t.set_timesteps(20)
     with pytest.raises(ValueError, match="visits timestep 999"):
         s.set_timesteps(timesteps=[999, 500, 0])
