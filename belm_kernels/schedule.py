@@ -266,6 +266,9 @@ class FlowSchedule:
         s = self.shifted(s)
         if self.shift_terminal is not None:  # as FlowMatchEulerDiscreteScheduler stretches them
             one_minus = 1 - s
+            if float(one_minus[-1]) == 0:
+                raise ValueError(f"shift_terminal={self.shift_terminal} stretches the sigmas to "
+                                 "end there, which a last sigma of 1 cannot: use 2 or more steps")
             s = 1 - one_minus / (one_minus[-1] / (1 - self.shift_terminal))
         return torch.cat([s, s.new_zeros(1)])
 

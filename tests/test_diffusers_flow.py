@@ -162,6 +162,80 @@ def test_dynamic_shifting_needs_mu_and_a_static_shift_ignores_it():
     assert torch.equal(a.sigmas, b.sigmas)
 
 
+# Wan's scheduler configs: UniPC with flow sigmas (2.1 T2V 480p: flow_shift 3; 720p and I2V: 5)
+WAN = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+# LTX-Video's and Qwen-Image's FlowMatchEuler configs: dynamic shifting stretched to a terminal
+LTX = dict(shift=1.0, use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
+           base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1)
+QWEN = dict(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+            base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02)
+
+
+@pytest.mark.parametrize("config,mu", [(WAN, None), (dict(WAN, flow_shift=5.0), None),
+                                       (dict(WAN, flow_shift=12.0, shift_terminal=0.1), None),
+                                       (dict(WAN, use_dynamic_shifting=True), 0.8)])
+def test_unipc_flow_sigmas_as_wan_ships_them(config, mu):
+    """from_config of a UniPCMultistepScheduler config with use_flow_sigmas: UniPC's sigmas
+    (float32, the first one lowered by 1e-6) and its integer timesteps, exactly."""
+    from diffusers import UniPCMultistepScheduler
+
+    unipc = UniPCMultistepScheduler(**config)
+    for cls in (FlowMatchBELMScheduler, FlowMatchBELMInverseScheduler):
+        s = cls.from_config(unipc.config)
+        assert s.config.use_flow_sigmas and s.config.flow_shift == config["flow_shift"]
+        for n, sigmas in ((1, None), (4, None), (50, None), (None, np.array([1.0, 0.7, 0.4, 0.1]))):
+            if n == 1 and (cls is FlowMatchBELMInverseScheduler or "shift_terminal" in config):
+                if "shift_terminal" in config:  # one sigma of 1 cannot be stretched (nan there)
+                    with pytest.raises(ValueError, match="a last sigma of 1 cannot"):
+                        s.set_timesteps(1, mu=mu)
+                continue
+            unipc.set_timesteps(n, sigmas=sigmas, mu=mu)
+            s.set_timesteps(n, sigmas=sigmas, mu=mu)
+            ts = unipc.timesteps
+            if cls is FlowMatchBELMScheduler:
+                assert s.timesteps.dtype == torch.int64 and torch.equal(s.timesteps, ts)
+                assert torch.equal(s.sigmas, unipc.sigmas)
+            else:  # ascending from the clean state, as every inverse scheduler
+                assert s.timesteps.tolist() == [ts[-1].item()] + ts[1:].flip(0).tolist()
+                assert torch.equal(s.sigmas, unipc.sigmas.flip(0))
+
+
+@pytest.mark.parametrize("config,mu", [(LTX, bk.calculate_shift(3 * 16 * 22, 1024, 4096, 0.95,
+                                                                 2.05)),
+                                       (QWEN, bk.calculate_shift(4096, 256, 8192, 0.5, 0.9))])
+def test_shift_terminal_as_flow_match_euler(config, mu):
+    euler = FlowMatchEulerDiscreteScheduler(**config)
+    s = FlowMatchBELMScheduler.from_config(euler.config)
+    for n in (6, 40):
+        sigmas = np.linspace(1.0, 1 / n, n)  # as the LTX and Qwen-Image pipelines pass them
+        euler.set_timesteps(sigmas=sigmas, mu=mu)
+        s.set_timesteps(sigmas=sigmas, mu=mu)
+        assert float((s.sigmas - euler.sigmas).abs().max()) <= 4 * EPS32
+        assert abs(s._grid_sigmas[-2].item() - config["shift_terminal"]) < 1e-15
+    schedule = bk.FlowSchedule(use_dynamic_shifting=True, mu=mu,
+                               shift_terminal=config["shift_terminal"])
+    assert "shift_terminal=" in repr(schedule)
+    for bad in (0.0, 1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="shift_terminal must"):
+            bk.FlowSchedule(shift_terminal=bad)
+
+
+def test_configs_of_other_kinds_of_models_are_refused():
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    # keys given explicitly, as a saved scheduler_config.json has them all (diffusers'
+    # from_config skips the keys a scheduler built in memory left at their defaults)
+    sana = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                       flow_shift=3.0, algorithm_type="dpmsolver++")
+    with pytest.raises(ValueError, match="DPMSolverMultistepScheduler's \\(Sana\\) are spaced "
+                                         "differently"):
+        FlowMatchBELMScheduler.from_config(sana.config)
+    with pytest.raises(ValueError, match="takes a velocity model .* got "
+                                         "prediction_type='epsilon'.* BELMScheduler"):
+        FlowMatchBELMScheduler.from_config(UniPCMultistepScheduler(prediction_type="epsilon")
+                                           .config)
+
+
 def test_bad_set_timesteps_arguments_leave_the_grid_as_it_was():
     s = made(FlowMatchBELMScheduler, SD3, 5)
     before = s.timesteps.clone()

@@ -51,7 +51,13 @@ the flow schedule config), ``scheduling_flow_match_belm_inverse.py``, ``scheduli
 random pipelines built offline, for trying the package without weights).
 """
 
-from .inversion import SUPPORTED_PIPELINES, image_latents, invert
+from .inversion import (
+    SUPPORTED_PIPELINES,
+    image_latents,
+    invert,
+    regenerate,
+    video_latents,
+)
 
 # SchedulerMixin is here (not in __all__) for diffusers' loader, which looks a component's base
 # class up in the module model_index.json names: this one in pipelines saved by version 0.1.0.
@@ -61,13 +67,26 @@ from .scheduling_flow_match_belm import FlowMatchBELMScheduler
 from .scheduling_flow_match_belm_inverse import FlowMatchBELMInverseScheduler
 from .scheduling_utils import LatentPair
 from .tiny_pipelines import (
+    tiny_chroma_pipeline,
+    tiny_cogvideox_pipeline,
+    tiny_flux_kontext_pipeline,
     tiny_flux_pipeline,
+    tiny_hunyuan_video_pipeline,
+    tiny_ltx_pipeline,
+    tiny_qwen_image_edit_pipeline,
+    tiny_qwen_image_pipeline,
     tiny_stable_diffusion_3_pipeline,
     tiny_stable_diffusion_pipeline,
     tiny_stable_diffusion_xl_pipeline,
+    tiny_wan_i2v_pipeline,
+    tiny_wan_pipeline,
 )
 
 __all__ = ["BELMScheduler", "BELMInverseScheduler", "FlowMatchBELMScheduler",
            "FlowMatchBELMInverseScheduler", "LatentPair", "SUPPORTED_PIPELINES", "image_latents",
-           "invert", "tiny_flux_pipeline", "tiny_stable_diffusion_3_pipeline",
-           "tiny_stable_diffusion_pipeline", "tiny_stable_diffusion_xl_pipeline"]
+           "invert", "regenerate", "video_latents", "tiny_chroma_pipeline",
+           "tiny_cogvideox_pipeline", "tiny_flux_kontext_pipeline", "tiny_flux_pipeline",
+           "tiny_hunyuan_video_pipeline", "tiny_ltx_pipeline", "tiny_qwen_image_edit_pipeline",
+           "tiny_qwen_image_pipeline", "tiny_stable_diffusion_3_pipeline",
+           "tiny_stable_diffusion_pipeline", "tiny_stable_diffusion_xl_pipeline",
+           "tiny_wan_i2v_pipeline", "tiny_wan_pipeline"]

@@ -27,7 +27,7 @@ The flow sigmas of ``UniPCMultistepScheduler`` (Wan's configs: ``use_flow_sigmas
 dynamic shifting), a first sigma of 1 lowered by 1e-6 as UniPC does, and integer timesteps
 ``int(num_train_timesteps * sigma)``, so that the model sees the timesteps and the states the
 sigmas of Wan's own scheduler (the same floats; only the solver differs). DPM-Solver's flow
-sigmas (Sana) are spaced differently and are refused.
+sigmas (Sana) are spaced differently: a config with their ``algorithm_type`` is refused.
 
 Options of FlowMatchEulerDiscreteScheduler that ``FlowSchedule`` does not implement are refused
 when set (``UNSUPPORTED_OPTIONS``): each one changes the sigmas or the step, so ignoring it would
@@ -120,6 +120,7 @@ class FlowScheduleMixin(BELMSchedulerMixin, ConfigMixin):
         flow_shift: float = 1.0,
         final_sigmas_type: str = "zero",
         prediction_type: str | None = None,
+        algorithm_type: str | None = None,
         backend: str = "auto",
         state_dtype: str | None = None,
     ):
@@ -160,7 +161,8 @@ class FlowScheduleMixin(BELMSchedulerMixin, ConfigMixin):
                 f"{type(self).__name__} takes a velocity model (prediction_type "
                 f"'flow_prediction'), got prediction_type={cfg.prediction_type!r}: that config "
                 "is a variance-preserving model's, whose BELM scheduler is BELMScheduler")
-        if cfg.use_flow_sigmas and "algorithm_type" in cfg:  # a DPMSolverMultistepScheduler's
+        # algorithm_type is a key of DPM-Solver's (and DEIS') configs only, not of UniPC's
+        if cfg.use_flow_sigmas and cfg.algorithm_type is not None:
             raise ValueError(
                 f"{type(self).__name__} reproduces UniPCMultistepScheduler's flow sigmas "
                 "(use_flow_sigmas=True, as Wan ships them); DPMSolverMultistepScheduler's (Sana) "
