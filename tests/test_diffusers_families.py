@@ -1,7 +1,8 @@
-"""invert -> regenerate through every supported flow-matching and video pipeline: Wan 2.1 / 2.2
-(text and image to video), HunyuanVideo, LTX-Video, CogVideoX, Qwen-Image (and Edit), Flux
-Kontext, Chroma, SD3.5, each through its tiny random pipeline (``tiny_pipe`` in conftest.py)
-with the scheduler the model ships (UniPC for Wan, CogVideoX's DDIM, FlowMatchEuler).
+"""invert -> regenerate through every supported pipeline: SD 1.x, SDXL, SD3 / SD3.5, Flux, Flux
+Kontext, Chroma, Qwen-Image (and Edit), Wan 2.1 / 2.2 (text and image to video), HunyuanVideo,
+LTX-Video, CogVideoX, each through its tiny random pipeline (``tiny_pipe`` in conftest.py) with
+the scheduler the model ships (DDIM / Euler for SD, FlowMatchEuler, UniPC for Wan, CogVideoX's
+DDIM).
 
 Per family: the float64-state round trip (invert's default) is asserted bit for bit with N-1
 model calls per guidance batch (N-2 on CogVideoX's zero-SNR grid); the float32-state figure and
@@ -81,6 +82,15 @@ class Case(NamedTuple):
 
 TEXT = dict(prompt="a photo of a cat", max_sequence_length=32)
 CASES = {
+    "sd1": Case("tiny_stable_diffusion_pipeline", dict(sample_size=8), 16, None,
+                dict(prompt="a photo of a cat", negative_prompt="blurry", guidance_scale=7.5),
+                "CFG 7.5"),
+    "sdxl": Case("tiny_stable_diffusion_xl_pipeline", dict(sample_size=8), 16, None,
+                 dict(prompt="a photo of a cat", guidance_scale=5.0), "CFG 5.0"),
+    "sd3": Case("tiny_stable_diffusion_3_pipeline", {}, 16, None,
+                dict(TEXT, negative_prompt="blurry", guidance_scale=5.0), "CFG 5.0"),
+    "flux": Case("tiny_flux_pipeline", {}, 16, None, dict(TEXT, guidance_scale=3.5),
+                 "distilled 3.5"),
     "sd3.5-medium": Case("tiny_stable_diffusion_3_pipeline", dict(version="3.5-medium"), 16,
                          None, dict(TEXT, negative_prompt="blurry", guidance_scale=5.0),
                          "CFG 5.0"),
@@ -186,14 +196,14 @@ def hand_round_trip(pipe, x0, call, sizes, n):
 
 
 class Calls:
-    """Counts the calls of a pipeline's transformer(s) (both Wan 2.2 experts)."""
+    """Counts the calls of a pipeline's denoiser(s) (both Wan 2.2 experts)."""
 
     def __init__(self, pipe):
         self.pipe, self.count, self.seen = pipe, 0, []
 
     def __enter__(self):
         self.hooks = []
-        for name in ("transformer", "transformer_2"):
+        for name in ("unet", "transformer", "transformer_2"):
             model = getattr(self.pipe, name, None)
             if model is not None:
                 self.hooks.append(model.register_forward_hook(
@@ -247,7 +257,7 @@ def test_roundtrip_exact(tiny_pipe, name):
     # the inversion stops before that one
     skipped = 1 + expected._pair_start
     assert skipped == (2 if name == "cogvideox" else 1)
-    per_step, rest = divmod(inverting.count, n - expected._pair_start)
+    per_step, rest = divmod(inverting.count, n - skipped + 1)
     assert per_step >= 1 and rest == 0
     with Calls(pipe) as calls:
         out = latents_out(regenerate(pipe, pair, output_type="latent", return_dict=False,
@@ -474,3 +484,20 @@ def test_model_calls_give_inverts_pair(sd_pipe, sdxl_pipe, sd3_pipe, flux_pipe):
         mine = inverse.latent_pair
         assert torch.equal(mine.x_T, pair.x_T) and torch.equal(mine.x_T2, pair.x_T2)
         assert torch.equal(mine.state[0], pair.state[0])
+
+
+@pytest.mark.parametrize("args", [["--steps", "6"], ["--tiny", "wan2.2", "--steps", "6"]])
+def test_video_example_runs_as_written(args, tmp_path, monkeypatch, capsys):
+    """python/video_invert_and_edit.py, offline on its tiny Wan pipelines (in this process)."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    script = "video_invert_and_edit.py"
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    runpy.run_path(str(Path(__file__).resolve().parent.parent / "python" / script),
+                   run_name="__main__")
+    out = capsys.readouterr().out
+    assert "O-BELM 0.00e+00" in out, out  # the latents come back exactly
+    assert [p.name for p in tmp_path.glob("*.png")] == ["belm_video_edit_frame0.png"], out

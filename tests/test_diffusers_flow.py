@@ -720,16 +720,24 @@ def test_flow_example_runs_as_written(args, tmp_path, monkeypatch, capsys):
         "belm_flow_edit.png", "belm_flow_reconstruction.png"], out
 
 
-def test_readme_sd3_flux_snippet_runs_as_written(flux_pipe):
-    """The README's SD3 / Flux code block, with the tiny Flux pipeline as ``pipe``."""
+def test_readme_flow_and_video_snippet_runs_as_written(flux_pipe, tiny_pipe):
+    """The README's flow-matching and video code block, with the tiny Flux, Wan and Wan I2V
+    pipelines as ``pipe``, ``wan`` and ``wan_i2v``."""
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("**SD3 and Flux: exact inversion on rectified flow.**", 1)[1]
+    section = readme.split("**Flow matching and video: one mechanism for every pipeline.**", 1)[1]
     block = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
-    photo = Image.fromarray((np.random.default_rng(0).random((24, 24, 3)) * 255).astype("uint8"))
-    namespace = {"pipe": flux_pipe, "photo": photo}
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray((rng.random((24, 24, 3)) * 255).astype("uint8"))
+    frames = [Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8")) for _ in range(5)]
+    wan, wan_i2v = tiny_pipe("tiny_wan_pipeline"), tiny_pipe("tiny_wan_i2v_pipeline")
+    namespace = {"pipe": flux_pipe, "photo": photo, "wan": wan, "wan_i2v": wan_i2v,
+                 "frames": frames}
     exec(compile(block, "README.md", "exec"), namespace)
-    assert namespace["edit"].size == namespace["same"].size == (16, 16)  # the pipeline's size
-    assert isinstance(flux_pipe.scheduler, FlowMatchBELMScheduler)
+    x0 = image_latents(flux_pipe, photo)  # the photo at its own size, 24x24
+    assert torch.equal(namespace["same"].images, x0)
+    assert namespace["edit"].size == (24, 24)
+    assert namespace["clip"].shape == (5, 32, 32, 3)  # frames of the video, as numpy
+    assert isinstance(flux_pipe.scheduler, FlowMatchBELMScheduler)  # as it was
 
 
 def test_saved_pipeline_loads_with_its_flow_scheduler(flux_pipe, tmp_path):
