@@ -4,13 +4,22 @@ import importlib
 
 from .batched import BatchedStepper, GraphCaptureError
 from .models import GaussianMixture
-from .ops import BackendUnavailableError, available_backends, lincomb3_, lincomb3_inverse_
+from .ops import (
+    BackendUnavailableError,
+    available_backends,
+    lincomb,
+    lincomb3_,
+    lincomb3_inverse_,
+    lincomb_,
+    lincomb_inverse_,
+)
 from .samplers import FLOW_SAMPLERS, SAMPLERS, Sampler, get_sampler
 from .schedule import FlowSchedule, Schedule, calculate_shift
 
 __all__ = [
     "BackendUnavailableError", "GaussianMixture", "SAMPLERS", "Sampler", "Schedule",
-    "available_backends", "get_sampler", "lincomb3_", "lincomb3_inverse_",
+    "available_backends", "get_sampler", "lincomb3_", "lincomb3_inverse_", "lincomb_",
+    "lincomb_inverse_", "lincomb",
     "BELMScheduler", "BELMInverseScheduler", "sample_obelm", "invert_obelm",
     "FLOW_SAMPLERS", "FlowSchedule", "calculate_shift", "BatchedStepper", "GraphCaptureError",
     "FlowMatchBELMScheduler", "FlowMatchBELMInverseScheduler",

@@ -126,6 +126,13 @@ def _time_dtype(times: Sequence) -> torch.dtype | None:
     return None
 
 
+def _normal_tensors():
+    """Allocate the stepper's buffers as normal tensors even under ``torch.inference_mode()``:
+    they are updated in place by later calls, which may run outside it (an inference tensor
+    cannot be updated there)."""
+    return torch.inference_mode(False)
+
+
 @contextlib.contextmanager
 def _sync_errors():
     """Make any host-device synchronisation raise (it would break a CUDA graph capture)."""
@@ -165,19 +172,21 @@ class BatchedStepper:
             raise TypeError(f"dtype must be a float torch.dtype, got {dtype!r}")
         self.model, self.schedule, self.capacity = model, schedule, capacity
         self.sample_shape = torch.Size(sample_shape)
-        self.dtype, self.device, self.backend = dtype, torch.device(device), backend
+        self.dtype, self.backend = dtype, backend
         self.cond_shape = None if cond_shape is None else torch.Size(cond_shape)
         self.cond_dtype = cond_dtype or dtype
-        alloc = dict(device=self.device)
-        self._bufs = tuple(torch.zeros(capacity, *self.sample_shape, dtype=dtype, **alloc)
-                           for _ in range(2))
+        alloc = dict(device=torch.device(device))
+        with _normal_tensors():
+            self._bufs = tuple(torch.zeros(capacity, *self.sample_shape, dtype=dtype, **alloc)
+                               for _ in range(2))
+            self._cond = (None if cond_shape is None else
+                          torch.zeros(capacity, *self.cond_shape, dtype=self.cond_dtype, **alloc))
+            self._step = torch.zeros(capacity, dtype=torch.long, **alloc)  # device-side index
+            self._one = torch.ones((), dtype=torch.long, **alloc)  # add_(1) would allocate
+            self._coef = torch.zeros(capacity, 3, dtype=compute_dtype(dtype), **alloc)  # tick's
+            self._coefs = torch.zeros(capacity, 0, 3, dtype=self._coef.dtype, **alloc)  # per slot
         self._prev, self._cur = self._bufs
-        self._cond = (None if cond_shape is None else
-                      torch.zeros(capacity, *self.cond_shape, dtype=self.cond_dtype, **alloc))
-        self._step = torch.zeros(capacity, dtype=torch.long, **alloc)  # device-side step index
-        self._one = torch.ones((), dtype=torch.long, **alloc)  # add_(1) would allocate a scalar
-        self._coef = torch.zeros(capacity, 3, dtype=compute_dtype(dtype), **alloc)  # this tick's
-        self._coefs = torch.zeros(capacity, 0, 3, dtype=self._coef.dtype, **alloc)  # per slot
+        self.device = self._prev.device  # with its index ("cuda" -> "cuda:0"): compared exactly
         self._t = self._times = None  # this tick's model times / per slot (dtype: first request)
         self._slots: list[Request | None] = [None] * capacity
         self._S = self._B = 0  # slots [0, S): lincomb3_; [S, B): lincomb3_inverse_
@@ -211,14 +220,23 @@ class BatchedStepper:
             name: str | None = None) -> Request:
         """Add a request; it takes its first step at the next tick.
 
-        x: the latents, shape ``sample_shape`` and dtype ``dtype`` (copied in): the noise x_T to
-            sample from, or the clean x0 to invert. ``x_T2`` (sampling only) is the second state
-            of an inverted pair: sampling then starts from the pair and skips the first step,
-            exactly like ``sampler.sample(eps_fn, x_T, x_T2)``.
+        x: the latents, shape ``sample_shape``, dtype ``dtype``, a dense tensor on the stepper's
+            device (never moved between devices here), finite: the noise x_T to sample from, or
+            the clean x0 to invert. ``x_T2`` (sampling only) is the second state of an inverted
+            pair: sampling then starts from the pair and skips the first step, exactly like
+            ``sampler.sample(eps_fn, x_T, x_T2)``.
         sampler: a two-step sampler (``SUPPORTED``) on the stepper's schedule.
         direction: "sample" (result: the sample) or "invert" (result: the pair (x_T, x_T2)).
-        cond: this request's conditioning, shape ``cond_shape`` (required iff it was given).
-        Every check runs before anything changes; a bad request leaves the others untouched.
+        cond: this request's conditioning, shape ``cond_shape`` and dtype ``cond_dtype``, dense,
+            on the device, without NaN (required iff ``cond_shape`` was given; +-inf is allowed,
+            as in an additive attention mask).
+
+        The tensors are copied in detached: the stepper does not differentiate (its ticks run
+        under ``no_grad``), so results never require grad and its buffers never join an autograd
+        graph; for gradients use the plain samplers. Every check runs, and every copy is made,
+        before anything changes: a bad request raises naming it and leaves the others untouched.
+        A model that returns NaN or inf is not detected: checking it would cost a host sync per
+        tick, which CUDA graph replay cannot have; check ``torch.isfinite(result)`` if needed.
         """
         name = f"#{next(self._names)}" if name is None else str(name)
         who = f"request {name!r}"
@@ -238,7 +256,8 @@ class BatchedStepper:
                                            "got cond, but the stepper was built without "
                                            "cond_shape (its model takes no conditioning)"))
         if cond is not None:
-            self._check_tensor(who, "cond", cond, self.cond_shape, self.cond_dtype)
+            self._check_tensor(who, "cond", cond, self.cond_shape, self.cond_dtype,
+                               allow_inf=True)
         plan = step_plan(sampler, direction, from_pair=x_T2 is not None)
         time_dtype = _time_dtype(plan.times)
         if time_dtype is None or (self._times is not None and time_dtype != self._times.dtype):
@@ -248,6 +267,12 @@ class BatchedStepper:
         if self._B == self.capacity:
             raise RuntimeError(f"{who}: the stepper is full ({self.capacity} active requests); "
                                "add it after a tick has finished one (see .free)")
+        # Every copy that can fail, before the request joins: its own detached copies of the
+        # caller's tensors, its coefficient rows and model times. What follows only copies
+        # between the stepper's own tensors.
+        x, x_T2, cond = (None if t is None else t.detach().clone() for t in (x, x_T2, cond))
+        rows = coef_table(plan.rows, self._prev)
+        times = torch.tensor(plan.times, dtype=time_dtype, device=self.device)
 
         # Every check passed: from here on the request joins.
         self._fit_tables(plan.num_steps, time_dtype)
@@ -260,8 +285,8 @@ class BatchedStepper:
         self._cur[slot].copy_(x if x_T2 is None else x_T2)
         if cond is not None:
             self._cond[slot].copy_(cond)
-        self._coefs[slot, :plan.num_steps].copy_(coef_table(plan.rows, self._prev))
-        self._times[slot, :plan.num_steps].copy_(torch.tensor(plan.times, dtype=time_dtype))
+        self._coefs[slot, :plan.num_steps].copy_(rows)
+        self._times[slot, :plan.num_steps].copy_(times)
         self._step[slot] = 0
         return req
 
@@ -299,8 +324,7 @@ class BatchedStepper:
             raise ValueError(f"{who}: its sampler's schedule does not fit the stepper's model "
                              f"({diff}): its timesteps would mean other noise levels")
 
-    @staticmethod
-    def _check_tensor(who, what, t, shape, dtype) -> None:
+    def _check_tensor(self, who, what, t, shape, dtype, allow_inf=False) -> None:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{who}: {what} must be a torch.Tensor, got {type(t).__name__}")
         if t.shape != shape:
@@ -308,6 +332,17 @@ class BatchedStepper:
                              f"{tuple(shape)} (one sample per request)")
         if t.dtype != dtype:
             raise ValueError(f"{who}: {what} has dtype {t.dtype}, the batch's is {dtype}")
+        if t.layout != torch.strided:
+            raise ValueError(f"{who}: {what} is a {t.layout} tensor; the batch holds dense "
+                             "(strided) tensors (use .to_dense())")
+        if t.device != self.device:
+            raise ValueError(f"{who}: {what} is on {t.device}, the stepper on {self.device}: "
+                             f"move it there first (the stepper does not copy across devices)")
+        # One host sync per tensor at admission; the ticks themselves never sync.
+        bad = torch.isnan(t).any() if allow_inf else ~torch.isfinite(t).all()
+        if bad:
+            raise ValueError(f"{who}: {what} has {'NaN' if allow_inf else 'NaN or inf'} values; "
+                             "the request would end NaN")
 
     # ------------------------------------------------------------------------------ layout
     def _fit_tables(self, num_steps: int, time_dtype: torch.dtype) -> None:
@@ -317,14 +352,15 @@ class BatchedStepper:
         if self._times is not None and num_steps <= width:
             return
         width = max(num_steps, 2 * width)
-        coefs = self._coefs.new_zeros(self.capacity, width, 3)
-        times = torch.zeros(self.capacity, width, dtype=time_dtype, device=self.device)
+        with _normal_tensors():
+            coefs = self._coefs.new_zeros(self.capacity, width, 3)
+            times = torch.zeros(self.capacity, width, dtype=time_dtype, device=self.device)
+            if self._t is None:
+                self._t = torch.zeros(self.capacity, dtype=time_dtype, device=self.device)
         if self._times is not None:
             coefs[:, :self._coefs.shape[1]] = self._coefs
             times[:, :self._times.shape[1]] = self._times
         self._coefs, self._times = coefs, times
-        if self._t is None:
-            self._t = torch.zeros(self.capacity, dtype=time_dtype, device=self.device)
         self._graphs.clear()
 
     def _open_slot(self, inverse: bool) -> int:

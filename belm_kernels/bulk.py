@@ -13,26 +13,29 @@ have work are dealt to the ranks (largest first, to the least loaded); finished 
 
 Nothing lost. A shard is one safetensors file, ``shard-00003-of-00016.safetensors``, holding its
 items' tensors (``<id>/<name>``) and, in its metadata, the run's config and a record per item
-(what it was made from, its tensors and files). It is written whole: to a temporary file in the
-same folder, fsync'ed, then ``os.replace``'d over the old one, so a reader sees the old shard or
-the new one, never a part. Image outputs (``images/<id>.png``) are written the same way, before
-the shard that records them. A later run into the folder validates each shard file (readable,
-same config, every item of the dataset present with matching inputs, its tensors and files
-there) and skips it, or keeps what is valid in it and computes only the rest; a shard file it
-cannot read is redone. Items are processed one at a time, so an item's result does not depend on
-how many processes ran or which shard was next.
+(what it was made from, the SHA-256 of each of its tensors and files, and of the record itself).
+It is written whole: to a temporary file in the same folder, fsync'ed, then ``os.replace``'d
+over the old one, so a reader sees the old shard or the new one, never a part. Image outputs
+(``images/<id>.png``) are written the same way, before the shard that records them. A later run
+into the folder verifies each shard file (readable, same config, and per item: inputs as in
+this run, its record, tensors and files all matching their SHA-256) and skips it, or keeps what
+passes and computes only the rest; an item that fails verification, or a shard file it cannot
+read, is redone and reported. regenerate-dataset verifies each stored pair the same way before
+using it, and refuses (fails) an item whose pair does not pass. Items are processed one at a
+time, so an item's result does not depend on how many processes ran or which shard was next.
 
 Bitwise reproducibility. Results depend on the device and on the number of intra-op CPU threads,
 not on the number of processes: ``--threads`` (default 1, what torchrun's OMP_NUM_THREADS=1 gives
 too) is set in every process, so one process and N ranks write the same bytes.
 
-Failures. A bad item (unreadable or corrupt image, an image of another size, a missing prompt,
-an error in the model) is reported with its id and the reason, and the others go on; a shard that
-cannot be written (disk full) is reported with its items, its old file stays as it was and the
-temporary file is removed. Rank 0 prints the summary of all ranks (items done, skipped, failed) and
-writes it to ``summary.json``; the exit code is 1 when anything failed. Problems with the job as a
-whole (an unsupported pipeline, an output folder made by another model or grid, a malformed
-manifest) stop it before anything is written, with exit code 2.
+Failures. A bad item (unreadable or corrupt image, an image of another size or of a mode with no
+defined 8-bit range, a missing prompt, an error in the model) is reported with its id and the
+reason, and the others go on; a shard that cannot be written (disk full) is reported with its
+items, its old file stays as it was and the temporary file is removed. Rank 0 prints the summary
+of all ranks (items done, skipped, failed, stored results that failed verification) and writes it
+to ``summary.json``; the exit code is 1 when anything failed. Problems with the job as a whole
+(an unsupported pipeline, an output folder made by another model or grid, a malformed manifest)
+stop it before anything is written, with exit code 2.
 """
 
 from __future__ import annotations
@@ -65,7 +68,9 @@ TINY = {"tiny": "tiny_stable_diffusion_pipeline",
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ITEMS_PER_SHARD = 8  # default shard size on the first run into a folder
-FORMAT = "belm-kernels bulk 2"  # 2: the full grid record (flow sigmas and mu), not timesteps
+# 3: a SHA-256 of every stored tensor, file and item record; 2: the full grid record (flow sigmas
+# and mu), not timesteps. A folder of another format is refused.
+FORMAT = "belm-kernels bulk 3"
 META_KEY = "belm_kernels.bulk"  # the one metadata entry of a shard file (one key: stable bytes)
 TIMEOUT = datetime.timedelta(hours=24)  # ranks wait for each other only at the start and the end
 # Test hook: "RANK:K" makes that rank exit hard (os._exit) right after writing its K-th shard.
@@ -262,6 +267,43 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> Non
     atomic_write(path, data)
 
 
+def tensor_sha256(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor as a shard stores it: dtype, shape and bytes (C order, on the CPU)."""
+    t = t.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{t.dtype} {tuple(t.shape)}\n".encode())
+    digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def record_sha256(rec: dict) -> str:
+    """SHA-256 of an item record (its JSON, keys sorted) without its own ``sha256`` entry: covers
+    what the item was made from and the digests of its tensors and files."""
+    body = {k: v for k, v in rec.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def record_problem(out: Path, rec: dict, tensors: dict[str, torch.Tensor]) -> str | None:
+    """Why a stored item cannot be trusted -- its record, a tensor (in ``tensors``, by
+    ``<id>/<name>``) or a file (relative to ``out``) missing or not matching its SHA-256 --, or
+    None. The one check of everything a shard stores, wherever a stored item is used."""
+    if rec.get("sha256") != record_sha256(rec):
+        return "its record does not match its SHA-256"
+    for name, sha in rec["tensors"].items():
+        t = tensors.get(f"{rec['id']}/{name}")
+        if t is None:
+            return f"tensor {name!r} is missing"
+        if tensor_sha256(t) != sha:
+            return f"tensor {name!r} does not match its SHA-256 (corrupted)"
+    for rel, sha in rec["files"].items():
+        try:
+            data = (out / rel).read_bytes()
+        except OSError as exc:
+            return f"file {rel} is unreadable ({exc.strerror or exc})"
+        if hashlib.sha256(data).hexdigest() != sha:
+            return f"file {rel} does not match its SHA-256 (corrupted)"
+    return None
+
+
 def _normalise(obj: Any) -> Any:
     """JSON round trip (tuples -> lists, keys sorted): what a stored config reads back as."""
     return json.loads(json.dumps(obj, sort_keys=True))
@@ -419,6 +461,49 @@ class _LastLatents:
         return kwargs
 
 
+def read_rgb(path: Path):
+    """An image file as an 8-bit RGB PIL image with its content kept, or a ValueError that says
+    why not. 8-bit modes convert as PIL converts them (palette, CMYK, YCbCr, LAB, HSV; alpha and
+    palette transparency dropped); 16-bit ones (``I;16*``, and ``I`` from a PNG or PPM, which
+    hold at most 16 bits) scale 0..65535 to 0..255 and float ones (``F``) 0..1 to 0..255,
+    rounding to nearest (PIL's own conversion clips them at 255 instead). Other ``I`` images
+    (32-bit or signed integers) and float ones with values outside 0..1 have no range to scale
+    from: they fail."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image, fmt = opened.copy(), opened.format
+    except Exception as exc:  # PIL raises several kinds for unreadable / corrupt files
+        raise ValueError(f"cannot read image {path}: {exc}") from None
+    mode = image.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N") or mode == "I" and fmt in ("PNG", "PPM"):
+        values = np.asarray(image).astype(np.int64)
+        if values.min() < 0 or values.max() > 65535:
+            raise ValueError(f"image {path} ({fmt}, mode {mode}) holds values outside 0..65535, "
+                             "the range of its 16 bits")
+        pixels = np.rint(values / 257)  # 65535 / 255 = 257
+    elif mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1):
+            raise ValueError(f"image {path} ({fmt}, mode F) holds float values in "
+                             f"[{values.min()}, {values.max()}]; float images are read as 0..1: "
+                             "rescale it to 0..1, or save it with 8 or 16 bits")
+        pixels = np.rint(values * 255)
+    elif mode == "I":
+        raise ValueError(f"image {path} ({fmt}, mode I: 32-bit or signed integers) has no "
+                         "defined range to scale to 8 bits: save it with 8 or 16 bits")
+    else:
+        try:
+            return image.convert("RGB")
+        except Exception as exc:
+            raise ValueError(f"cannot convert image {path} ({fmt}, mode {mode}) to RGB: "
+                             f"{exc}") from None
+    return Image.fromarray(pixels.astype(np.uint8)).convert("RGB")
+
+
 def _png(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -472,19 +557,13 @@ class InvertJob(Job):
                 "image_sha256": sha}
 
     def process(self, item):
-        from PIL import Image
-
         from .diffusers import invert
 
         if item.prompt is None:
             raise ValueError(f"missing prompt ({item.origin}: expected a non-empty "
                              f"{item.image.stem}.txt beside a folder's image, or a 'prompt' "
                              "field in a manifest)")
-        try:
-            with Image.open(item.image) as opened:
-                image = opened.convert("RGB")
-        except Exception as exc:  # PIL raises several kinds for unreadable / corrupt files
-            raise ValueError(f"cannot read image {item.image}: {exc}") from None
+        image = read_rgb(item.image)
         if image.size != (self.width, self.height) and not self.resize:
             raise ValueError(f"image {item.image} is {image.width}x{image.height} (WxH), this run "
                              f"inverts {self.width}x{self.height}: resize it, or pass --resize")
@@ -533,7 +612,7 @@ class RegenerateJob(Job):
         else:
             self.items = [Item(i, prompt if prompt is not None else rec["fingerprint"]["prompt"],
                                origin=f"{pairs} item {i}")
-                          for i, rec in sorted(self.stored.items(), key=lambda kv: kv[0])]
+                          for i, (_, rec) in sorted(self.stored.items(), key=lambda kv: kv[0])]
         dtype = DTYPES[src["dtype"]]
         self.pipe, model = load_pipeline(src["model"], dtype, ranks.device)
         if model != src["model"]:
@@ -550,7 +629,7 @@ class RegenerateJob(Job):
                                   "save": sorted(save)})
 
     def fingerprint(self, item):
-        rec = self.stored.get(item.id)
+        _, rec = self.stored.get(item.id, (None, None))
         return {"prompt": item.prompt, "pair": None if rec is None else rec["fingerprint"],
                 "negative_prompt": None if rec is None else rec["fingerprint"]["negative_prompt"]}
 
@@ -559,13 +638,20 @@ class RegenerateJob(Job):
 
         from .diffusers import LatentPair
 
-        rec = self.stored.get(item.id)
-        if rec is None:
+        if item.id not in self.stored:
             raise ValueError(f"no stored pair for this id in {self.pairs} (from {item.origin})")
         if item.prompt is None:
             raise ValueError(f"missing prompt ({item.origin})")
-        with safe_open(rec["path"], "pt") as f:
-            t = {name: f.get_tensor(f"{item.id}/{name}") for name in rec["tensors"]}
+        path, rec = self.stored[item.id]
+        with safe_open(path, "pt") as f:
+            there = set(f.keys())
+            t = {k: f.get_tensor(k) for k in (f"{item.id}/{name}" for name in rec["tensors"])
+                 if k in there}
+        problem = record_problem(self.pairs, rec, t)
+        if problem is not None:
+            raise ValueError(f"the stored pair in {path} fails verification ({problem}): refusing "
+                             f"it; run invert-dataset into {self.pairs} again to redo it")
+        t = {name: t[f"{item.id}/{name}"] for name in rec["tensors"]}
         device = self.pipe.device
         state = ((t["state_T"].to(device), t["state_T2"].to(device)) if "state_T" in t else None)
         # the stored grid: the scheduler refuses the pair if its run walks another one
@@ -643,9 +729,10 @@ def _read_run(out: Path) -> dict | None:
     return run
 
 
-def _stored_items(out: Path, num_shards: int) -> tuple[dict[str, dict], list[dict]]:
-    """Every item record of a folder's shards (with the shard path), and a failure per shard file
-    that cannot be read (its items cannot be used)."""
+def _stored_items(out: Path, num_shards: int) -> tuple[dict[str, tuple[Path, dict]], list[dict]]:
+    """Every item record of a folder's shards with its shard's path (the records are verified
+    where their tensors are read), and a failure per shard file that cannot be read (its items
+    cannot be used)."""
     from safetensors import safe_open
 
     stored, failures = {}, []
@@ -662,7 +749,7 @@ def _stored_items(out: Path, num_shards: int) -> tuple[dict[str, dict], list[dic
                                       "missing: run invert-dataset into that folder again"})
             continue
         for rec in meta["items"]:
-            stored[rec["id"]] = {**rec, "path": str(path)}
+            stored[rec["id"]] = (path, rec)
     return stored, failures
 
 
@@ -706,41 +793,44 @@ def _check_folder(job: Job, out: Path, num_shards: int | None) -> tuple[dict | N
     return run, run["num_shards"]
 
 
-def _valid_records(out: Path, meta: dict, tensors: dict) -> dict[str, dict]:
-    """Item records of a shard whose tensors and files are all there."""
-    valid = {}
-    for rec in meta.get("items", []):
-        if (all(f"{rec['id']}/{name}" in tensors for name in rec["tensors"])
-                and all((out / rel).is_file() and (out / rel).stat().st_size == size
-                        for rel, size in rec["files"].items())):
-            valid[rec["id"]] = rec
-    return valid
-
-
-def _load_shard(job: Job, out: Path, path: Path):
-    """(tensors, valid records, note) of an existing shard; empty with a note if unreadable."""
+def _load_shard(job: Job, out: Path, shard: int):
+    """(tensors, trusted records, problems) of a shard file: what it holds, the records of the
+    items that pass their checks (``record_problem``), and a problem (shard, id, text) per item
+    that does not -- or one for the whole file if it is unreadable (then nothing is trusted). A
+    shard of another config than the job's is a BulkError."""
+    path = shard_path(out, shard, job.num_shards)
     if not path.exists():
-        return {}, {}, None
+        return {}, {}, []
     try:
         tensors, meta = read_shard(path)
     except Exception as exc:
-        return {}, {}, f"shard file {path.name} is unreadable ({exc}): redoing it"
+        return {}, {}, [{"shard": shard, "id": None, "problem": f"shard file {path.name} is "
+                         f"unreadable ({exc}): its items are computed again"}]
     if meta.get("config") != job.config:
         raise BulkError(f"{path} was made with another config than its folder's run.json "
                         f"({_describe_mismatch(meta.get('config') or {}, job.config)}); "
                         "refusing to overwrite it")
-    return tensors, _valid_records(out, meta, tensors), None
+    trusted, problems = {}, []
+    for rec in meta.get("items", []):
+        problem = record_problem(out, rec, tensors)
+        if problem is None:
+            trusted[rec["id"]] = rec
+        else:
+            problems.append({"shard": shard, "id": rec.get("id"), "problem": f"shard file "
+                             f"{path.name}, item {rec.get('id')!r}: {problem}: computed again"})
+    return tensors, trusted, problems
 
 
 def _shard_status(job, out, shard, items):
-    """(shard, items to compute, items reusable, note) of a shard of this rank's check."""
+    """(shard, items to compute, items reusable, refusal, problems) of a shard of this rank's
+    check: the stored items are verified here, before anything is counted as done."""
     try:
-        _, valid, note = _load_shard(job, out, shard_path(out, shard, job.num_shards))
+        _, trusted, problems = _load_shard(job, out, shard)
     except BulkError as exc:
-        return shard, None, None, str(exc)
+        return shard, None, None, str(exc), []
     reuse = sum(1 for it in items
-                if it.id in valid and valid[it.id]["fingerprint"] == job.fingerprint(it))
-    return shard, len(items) - reuse, reuse, note
+                if it.id in trusted and trusted[it.id]["fingerprint"] == job.fingerprint(it))
+    return shard, len(items) - reuse, reuse, None, problems
 
 
 def _deal(todo: list[tuple[int, int]], world: int) -> list[list[int]]:
@@ -780,7 +870,8 @@ def _prepare_folder(job: Job, out: Path, record: bool) -> None:
             indent=1, sort_keys=True).encode("utf-8"))
 
 
-def _summarise(job: Job, out: Path, ranks: Ranks, mine: dict, skipped: int) -> int:
+def _summarise(job: Job, out: Path, ranks: Ranks, mine: dict, skipped: int,
+               untrusted: list[dict]) -> int:
     """Gather every rank's counts; rank 0 prints them and writes summary.json. The exit code."""
     parts = ranks.gather(mine)
     failures = [*job.source_failures, *(f for p in parts for f in p["failures"])]
@@ -788,16 +879,20 @@ def _summarise(job: Job, out: Path, ranks: Ranks, mine: dict, skipped: int) -> i
     seconds = max(p["seconds"] for p in parts)
     summary = {
         "command": job.command, "items": len(job.items), "done": done, "skipped": skipped,
-        "failed": len(failures), "failures": failures, "num_shards": job.num_shards,
+        "failed": len(failures), "failures": failures, "untrusted": untrusted,
+        "num_shards": job.num_shards,
         "shards_written": sum(p["written"] for p in parts), "world_size": ranks.world,
         "threads": torch.get_num_threads(), "device": str(ranks.device),
         "seconds": round(seconds, 3),
+        "check_seconds": round(max(p["check_seconds"] for p in parts), 3),
         "items_per_second": round(done / seconds, 4) if done and seconds > 0 else None}
     if ranks.rank == 0:
         atomic_write(out / "summary.json", json.dumps(summary, indent=1).encode("utf-8"))
         rate = f", {summary['items_per_second']} items/s" if summary["items_per_second"] else ""
+        bad = (f", {len(untrusted)} stored result(s) failing verification computed again"
+               if untrusted else "")
         print(f"{job.command}: {len(job.items)} items: {done} done, {skipped} skipped (already "
-              f"in {out}), {len(failures)} failed; {summary['shards_written']} of "
+              f"in {out}, verified), {len(failures)} failed{bad}; {summary['shards_written']} of "
               f"{job.num_shards} shards written by {ranks.world} process(es) in {seconds:.1f} s"
               f"{rate}")
         for f in failures:
@@ -819,16 +914,23 @@ def run_job(job: Job, out: Path, ranks: Ranks, num_shards: int | None = None,
     if ranks.rank == 0:
         _prepare_folder(job, out, record=run is None)
 
-    # Which shards have work: each rank checks a slice, then all see all (and wait for rank 0).
+    # Which shards have work: each rank checks (and verifies) a slice, then all see all (and
+    # wait for rank 0).
+    checking = time.perf_counter()
     mine = [s for s in sorted(by_shard) if s % ranks.world == ranks.rank]
     status = [_shard_status(job, out, s, by_shard[s]) for s in mine]
+    check_seconds = time.perf_counter() - checking
     status = sorted(st for part in ranks.gather(status) for st in part)
-    foreign = [note for _, todo, _, note in status if todo is None]
+    foreign = [refusal for *_, refusal, _ in status if refusal]
     if foreign:
         raise BulkError(foreign[0] + (f" (and {len(foreign) - 1} more shards)"
                                       if len(foreign) > 1 else ""))
-    skipped = sum(reuse for _, _, reuse, _ in status)
-    todo = [(s, n) for s, n, _, note in status if n or note]
+    untrusted = [p for *_, problems in status for p in problems]
+    if ranks.rank == 0:
+        for p in untrusted:
+            print(f"NOT TRUSTED: {p['problem']}", file=sys.stderr, flush=True)
+    skipped = sum(reuse for _, _, reuse, _, _ in status)
+    todo = [(s, n) for s, n, *_ in status if n]
     my_shards = _deal(todo, ranks.world)[ranks.rank]
     n_mine = sum(n for s, n in todo if s in my_shards)
 
@@ -845,9 +947,7 @@ def run_job(job: Job, out: Path, ranks: Ranks, num_shards: int | None = None,
 
     for shard in my_shards:
         path = shard_path(out, shard, job.num_shards)
-        tensors, records, note = _load_shard(job, out, path)
-        if note:
-            bar.write(f"[rank {ranks.rank}] {note}", file=sys.stderr)
+        tensors, records, _ = _load_shard(job, out, shard)  # its problems were reported above
         new = []
         for item in by_shard[shard]:
             fingerprint = job.fingerprint(item)
@@ -867,9 +967,11 @@ def run_job(job: Job, out: Path, ranks: Ranks, num_shards: int | None = None,
             for name in [k for k in tensors if k.startswith(f"{item.id}/")]:
                 del tensors[name]  # an outdated result of this id
             tensors.update({f"{item.id}/{name}": t for name, t in made.items()})
-            records[item.id] = {"id": item.id, "fingerprint": fingerprint, "origin": item.origin,
-                                "tensors": sorted(made), "files": {rel: len(data) for rel, data
-                                                                   in sorted(files.items())}}
+            rec = {"id": item.id, "fingerprint": fingerprint, "origin": item.origin,
+                   "tensors": {name: tensor_sha256(t) for name, t in sorted(made.items())},
+                   "files": {rel: hashlib.sha256(data).hexdigest()
+                             for rel, data in sorted(files.items())}}
+            records[item.id] = {**rec, "sha256": record_sha256(rec)}
             new.append(item.id)
             bar.update()
         if not new:  # (an unreadable old file stays until there is something to replace it)
@@ -893,7 +995,8 @@ def run_job(job: Job, out: Path, ranks: Ranks, num_shards: int | None = None,
             os._exit(17)
     bar.close()
     return _summarise(job, out, ranks, {"done": done, "failures": failures, "written": written,
-                                        "seconds": time.perf_counter() - start}, skipped)
+                                        "seconds": time.perf_counter() - start,
+                                        "check_seconds": check_seconds}, skipped, untrusted)
 
 
 # --------------------------------------------------------------------------------------------

@@ -562,9 +562,13 @@ class _ExtensionBackend:
                    f"not {device.type}"
         return _load(self.name)
 
-    def run(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, coef: torch.Tensor,
-            inverse: bool) -> None:
-        torch.ops.belm.lincomb3_ext(x, y, z, coef, inverse)
+    def run(self, out, x, terms, coef, inverse) -> None:
+        # Interim: the compiled kernel does the in-place three-term update; other updates run
+        # on the torch reference until the K-term kernels land.
+        if x is None and len(out) == 1 and len(terms) == 2 and terms[0].dtype == out[0].dtype:
+            torch.ops.belm.lincomb3_ext(out[0], terms[0], terms[1], coef, inverse)
+        else:
+            ops.torch_update(out, x, terms, coef, inverse)
 
 
 _BACKENDS = {

@@ -1,41 +1,53 @@
-"""The fused three-term update and its inverse: public functions, the validator, the dispatch and
-the torch reference.
+"""The fused K-term update: public functions, the validator, the dispatch and the torch reference.
 
-    lincomb3_(x, y, z, coef)          x <- a*x + b*y + c*z
-    lincomb3_inverse_(x, y, z, coef)  x <- (x - b*y - c*z) / a
+    lincomb_(x, terms, coef)           x <- c0*x + c1*t1 + ... + cK*tK            (in place)
+    lincomb_inverse_(x, terms, coef)   x <- (x - c1*t1 - ... - cK*tK) / c0        (undoes it)
+    lincomb(x, terms, coef, out=...)   out <- c0*x + c1*t1 + ... + cK*tK          (x is read only)
+    lincomb3_(x, y, z, coef)           lincomb_(x, (y, z), coef): the three-term step of the BELM
+    lincomb3_inverse_(x, y, z, coef)   samplers, and its inverse
+
+``lincomb`` computes up to MAX_OUTPUTS results in the same pass over memory, one coefficient row
+each, all from the inputs as they were: a sampler step that also keeps a second result (say
+DPM-Solver's data prediction for its next step, or LCM's denoised sample next to its next state)
+reads its K+1 inputs once and writes its outputs once.
 
 The path of a call, top to bottom (each step in this module unless named):
 
-1. ``_check_args``: x, y, z are dense float tensors with data, of one shape and device (y of x's
-   dtype, z of any float dtype); coef becomes a contiguous (3,) or (B, 3) tensor on x's device in
-   x's compute dtype (float32, or float64 for float64 x). ``_resolve_name`` turns the backend
-   name ("auto" or explicit) into one that is available here and supports x's dtype.
-2. The registered op ``belm::lincomb3_`` (x mutated in place). When autograd has to record the
-   update (grad mode on and an argument requires grad), ``x.copy_(belm::lincomb3(...))`` instead:
-   the same update out of place, whose backward is registered below, so gradients are right on
-   every backend and torch's in-place rules (a leaf that requires grad) apply before any write.
+1. ``_check_args``: x, the 1 to MAX_TERMS terms and the outputs are dense float tensors with
+   data, of one shape and device (each term and each output in any float dtype); coef becomes a
+   contiguous (K+1,) or (B, K+1) tensor -- (M, K+1) or (B, M, K+1) for M outputs -- on x's
+   device in x's compute dtype (float32, or float64 for float64 x). ``_resolve_name`` turns the
+   backend name ("auto" or explicit) into one that is available here and supports x's dtype.
+2. The registered op ``belm::lincomb_`` (its outputs mutated in place; x None means the first
+   output is also the first input, the in-place update). When autograd has to record the update
+   (grad mode on and an argument requires grad), each output is ``belm::lincomb`` instead: the
+   same update into a new tensor, whose backward is registered below, copied into the output
+   (into x for the in-place functions), so gradients are right on every backend and torch's
+   in-place rules (a leaf that requires grad) apply before any write.
 3. The op's implementation, ``_run``: ``_check_at_run_time`` (memory overlap, inference tensors,
    a zero leading coefficient of the inverse) and then the backend's kernel: ``torch_update``
-   here, ``triton_kernels.run``, or the C++/CUDA op ``belm::lincomb3_ext`` (extension.py).
+   here, ``triton_kernels.run``, or the C++/CUDA op (extension.py).
 
 Step 1 runs while torch.compile traces (its results are guarded); step 3 runs whenever the op
 runs, eager or compiled, so no check is lost under torch.compile. (Inductor, the default compiler
-backend, hands the op the caller's x; ``aot_eager`` runs the functionalized graph as is and hands
-it a copy of x, whose overlap checks then see the copy: the update is computed out of place there
-and stays well defined.) The C++/CUDA kernels keep their own memory-safety checks for direct calls
-of ``torch.ops.belm.lincomb3_ext``.
+backend, hands the op the caller's tensors; ``aot_eager`` runs the functionalized graph as is and
+hands it copies of the written tensors, whose overlap checks then see the copies: the update is
+computed out of place there and stays well defined.) The C++/CUDA kernels keep their own
+memory-safety checks for direct calls of their op.
 
 Backends live in their own modules and are imported lazily, so a missing Triton or a failed
 extension build never breaks ``import belm_kernels``.
 
-Aliasing: x must not share memory with y, z or coef (the update is elementwise, but a kernel may
-read them after writing x in another thread block); y and z may alias each other. Memory is
-compared by byte spans, so two interleaved views that never touch the same element (x = t[::2],
-y = t[1::2]) are rejected too. x must not overlap itself: expanded views and views whose strides
-provably reach one address twice are rejected (a stride that is k times another, k smaller than
-the size of the dimension with the smaller stride; or a span shorter than the element count). Not
-detected: a collision that needs three or more dimensions (sizes (2, 2, 2), strides (2, 3, 5):
-2 + 3 = 5); torch's own in-place ops do not detect it either. Such an x gives undefined results.
+Aliasing. A written tensor (x of the in-place functions, each output of ``lincomb``) must not
+share memory with any other argument: not with a term, coef or another output, and an output not
+with x (a kernel may read an input after a thread block elsewhere has written the output); the
+terms may alias each other and x. Memory is compared by byte spans, so two interleaved views that
+never touch the same element (x = t[::2], y = t[1::2]) are rejected too. A written tensor must not
+overlap itself: expanded views and views whose strides provably reach one address twice are
+rejected (a stride that is k times another, k smaller than the size of the dimension with the
+smaller stride; or a span shorter than the element count). Not detected: a collision that needs
+three or more dimensions (sizes (2, 2, 2), strides (2, 3, 5): 2 + 3 = 5); torch's own in-place
+ops do not detect it either. Such a tensor gives undefined results.
 """
 
 from __future__ import annotations
@@ -58,6 +70,9 @@ _BACKEND_MODULES = {
     "cpu": "belm_kernels.extension",
 }
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: The most terms besides x (K), and the most outputs one pass of ``lincomb`` writes (M).
+MAX_TERMS = 6
+MAX_OUTPUTS = 3
 
 
 class BackendUnavailableError(RuntimeError):
@@ -71,9 +86,15 @@ class Backend(Protocol):
     def unavailable_reason(self, device: torch.device) -> str | None:
         """None when the backend can run on ``device``, else a one-line reason."""
 
-    def run(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, coef: torch.Tensor,
-            inverse: bool) -> None:
-        """The kernel: apply the update to x in place; arguments are already validated."""
+    def run(self, out: list[torch.Tensor], x: torch.Tensor | None, terms: list[torch.Tensor],
+            coef: torch.Tensor, inverse: bool) -> None:
+        """The kernel, on validated arguments. Inputs (x, *terms) -- x None: x is out[0] as it
+        was, the in-place update -- and M = len(out) outputs of the inputs' shape, each in its
+        own float dtype, sharing no memory with any other argument (but for out[0] being x when
+        x is None). coef is contiguous, in x's compute dtype, on x's device, laid out as
+        (rows, M, K+1) with rows 1 (shared) or B = x.shape[0] (per sample; the shape it comes
+        in may leave out the size-1 dimensions). Writes out[m] <- coef[row, m] . inputs, or
+        for the inverse (M = 1) out[0] <- (x - coef[row, 0, 1:] . terms) / coef[row, 0, 0]."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,27 +108,41 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def coef_table(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Coefficient rows on ``like``'s device in its compute dtype, contiguous, so that a sampler
-    moves its float64 table once per run and each step passes a (3,) row view."""
+    moves its float64 table once per run and each step passes a row view."""
     return rows.to(device=like.device, dtype=compute_dtype(like.dtype)).contiguous()
 
 
-def _columns(coef: torch.Tensor, x: torch.Tensor):
-    """(a, b, c), each broadcastable against x: (B, 3) -> (B, 1, ..., 1) per column."""
-    return coef.reshape(coef.shape[:-1] + (1,) * (x.dim() - coef.dim() + 1) + (3,)).unbind(-1)
+def _columns(coef: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The K+1 coefficients of one output, each broadcastable against x: a (K+1,) row gives
+    0-d-like (1, ..., 1) tensors, (B, K+1) rows give (B, 1, ..., 1) columns."""
+    shape = coef.shape[:-1] + (1,) * (x.dim() - coef.dim() + 1) + coef.shape[-1:]
+    return coef.reshape(shape).unbind(-1)
 
 
-def torch_update(x, y, z, coef, inverse) -> None:
-    """The reference kernel: plain torch ops in the compute dtype, one rounding to x's dtype."""
-    ct = compute_dtype(x.dtype)
-    a, b, c = _columns(coef, x)
-    # One working copy, updated in place (no temporaries per term), then one rounding.
-    result = x.to(ct, copy=True)
-    yf, zf = y.to(ct), z.to(ct)
-    if inverse:
-        result.addcmul_(b, yf, value=-1).addcmul_(c, zf, value=-1).div_(a)
-    else:
-        result.mul_(a).addcmul_(b, yf).addcmul_(c, zf)
-    x.copy_(result)
+def torch_update(out, x, terms, coef, inverse) -> None:
+    """The reference kernel: plain torch ops in the compute dtype, one rounding per output."""
+    first = out[0] if x is None else x
+    ct = compute_dtype(first.dtype)
+    wide = [t.to(ct) for t in terms]
+    n, m_out = len(terms) + 1, len(out)
+    rows = coef.numel() // (n * m_out)
+    coef = coef.reshape((m_out, n) if rows == 1 else (rows, m_out, n))
+    results = []
+    for m in range(m_out):
+        cols = _columns(coef[..., m, :], first)
+        # One working copy per output, updated in place (no temporaries per term).
+        acc = first.to(ct, copy=True)
+        if inverse:
+            for c, t in zip(cols[1:], wide, strict=True):
+                acc.addcmul_(c, t, value=-1)
+            acc.div_(cols[0])
+        else:
+            acc.mul_(cols[0])
+            for c, t in zip(cols[1:], wide, strict=True):
+                acc.addcmul_(c, t)
+        results.append(acc)
+    for o, r in zip(out, results, strict=True):  # every output from the inputs as they were
+        o.copy_(r)
 
 
 class _TorchBackend:
@@ -193,66 +228,112 @@ def check_like(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> 
             raise ValueError(f"{name} must have {ref_name}'s {what} {want}, got {got}")
 
 
-def _check_args(x, y, z, coef, inverse: bool) -> torch.Tensor:
-    """Step 1: raise unless x, y, z and coef can form an op call; returns coef as a contiguous
-    tensor in x's compute dtype on x's device. Looks at metadata only (traceable)."""
-    for name, t in (("x", x), ("y", y), ("z", z)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.layout != torch.strided:
-            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must have a float dtype {FLOAT_DTYPES}, got {t.dtype}")
-    if y.dtype != x.dtype:
-        raise TypeError(f"y must have x's dtype {x.dtype}, got {y.dtype}")
-    for name, t in (("y", y), ("z", z)):
-        if t.shape != x.shape:
-            raise ValueError(f"{name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
-    if x.is_meta:
-        raise ValueError("x, y and z are meta tensors (shape and dtype only, no data); the "
+def _check_tensor(t, name: str, ref: torch.Tensor | None = None) -> None:
+    """Raise unless t is a dense float tensor (with ref's shape and device, if given)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a float dtype {FLOAT_DTYPES}, got {t.dtype}")
+    if ref is not None:
+        if t.shape != ref.shape:
+            raise ValueError(f"{name} must have x's shape {tuple(ref.shape)}, got "
+                             f"{tuple(t.shape)}")
+        if t.device != ref.device:
+            raise ValueError(f"{name} must be on x's device {ref.device}, got {t.device}")
+
+
+def _fits(t, ref: torch.Tensor) -> bool:
+    """The fast path of _check_tensor (it explains a False)."""
+    return (isinstance(t, torch.Tensor) and t.layout == torch.strided and t.dtype in FLOAT_DTYPES
+            and t.shape == ref.shape and t.device == ref.device)
+
+
+def _output_names(count: int) -> list[str]:
+    return ["out"] if count == 1 else [f"out[{m}]" for m in range(count)]
+
+
+def _check_args(out, x, terms, coef, inverse: bool, several: bool, names,
+                same_dtype: int) -> torch.Tensor:
+    """Step 1: raise unless the arguments can form an op call (x None: in place on out[0]);
+    returns coef as a contiguous tensor in x's compute dtype on x's device, of shape (K+1,) or
+    (B, K+1) -- (M, K+1) or (B, M, K+1) for several outputs. ``names``: the terms' names in
+    messages; the first ``same_dtype`` terms must have x's dtype. Looks at metadata only
+    (traceable)."""
+    if not isinstance(terms, (list, tuple)):
+        raise TypeError(f"terms must be a list or tuple of 1 to {MAX_TERMS} tensors, got "
+                        f"{type(terms).__name__}")
+    if not 1 <= len(terms) <= MAX_TERMS:
+        raise ValueError(f"terms must hold 1 to {MAX_TERMS} tensors, got {len(terms)}")
+    first = out[0] if x is None else x
+    _check_tensor(first, "x")
+    for k, t in enumerate(terms):
+        if not _fits(t, first):
+            _check_tensor(t, names[k] if names else f"terms[{k}]", first)
+        if k < same_dtype and t.dtype != first.dtype:
+            raise TypeError(f"{names[k] if names else f'terms[{k}]'} must have x's dtype "
+                            f"{first.dtype}, got {t.dtype}")
+    if x is not None:
+        for m, o in enumerate(out):
+            if o is not None and not _fits(o, first):
+                _check_tensor(o, _output_names(len(out))[m], first)
+    if first.is_meta:
+        raise ValueError("the tensors are meta tensors (shape and dtype only, no data); the "
                          "update needs tensors with data")
-    return _as_coef(coef, x, inverse)
+    return _as_coef(coef, first, inverse, len(terms) + 1, len(out), several)
 
 
-def _as_coef(coef, x: torch.Tensor, inverse: bool) -> torch.Tensor:
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _as_coef(coef, x: torch.Tensor, inverse: bool, n: int, m: int,
+             several: bool) -> torch.Tensor:
     ct = compute_dtype(x.dtype)
+    rows = (m, n) if several else (n,)
     if isinstance(coef, torch.Tensor):
         if not coef.is_floating_point():
             raise TypeError(f"coef must be a float tensor, got {coef.dtype}")
         if coef.device != x.device:
             raise ValueError(f"coef must be on x's device {x.device} (so CUDA graphs can replay "
                              f"new values), got {coef.device}")
-    elif isinstance(coef, Sequence) and len(coef) == 3 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in coef):
+        shape = coef.shape
+        if shape != rows and not (x.dim() and shape == (x.shape[0], *rows)):
+            expected = " or ".join(str(s) for s in [rows] + ([(x.shape[0], *rows)]
+                                                             if x.dim() else []))
+            raise ValueError(f"coef must have shape {expected}, got {tuple(coef.shape)}")
+    else:
+        values = list(coef) if several and isinstance(coef, Sequence) else [coef]
+        if not (len(values) == m and all(
+                isinstance(r, Sequence) and len(r) == n and all(map(_is_number, r))
+                for r in values)):
+            what = (f"{m} sequences of {n} floats" if several else f"a sequence of {n} floats")
+            shape = f"({m}, {n}) or (B, {m}, {n})" if several else f"({n},) or (B, {n})"
+            raise TypeError(f"coef must be a float tensor of shape {shape}, or {what}, got "
+                            f"{type(coef).__name__}")
         # Checked here, on the host, whatever x's device. float32 rounds |a| <= 2^-150 (half
         # its smallest subnormal; ties to even) to 0: plain float arithmetic, traceable.
-        if inverse and (coef[0] == 0 or (ct == torch.float32 and abs(coef[0]) <= 2.0 ** -150)):
-            _raise_not_invertible(f"{coef[0]!r}, which is 0 in {ct}")
-        coef = torch.tensor([float(v) for v in coef], dtype=ct, device=x.device)
-    else:
-        raise TypeError(f"coef must be a float tensor of shape (3,) or (B, 3), or a sequence of "
-                        f"three floats, got {type(coef).__name__}")
-    batch = x.shape[0] if x.dim() > 0 else None
-    if not (coef.shape == (3,) or (coef.dim() == 2 and coef.shape == (batch, 3))):
-        expected = "(3,)" if batch is None else f"(3,) or ({batch}, 3)"
-        raise ValueError(f"coef must have shape {expected}, got {tuple(coef.shape)}")
+        lead = values[0][0]
+        if inverse and (lead == 0 or (ct == torch.float32 and abs(lead) <= 2.0 ** -150)):
+            _raise_not_invertible(f"{lead!r}, which is 0 in {ct}")
+        coef = torch.tensor(values if several else values[0], dtype=ct, device=x.device)
     if coef.dtype != ct:
         coef = coef.to(ct)
     return coef if coef.is_contiguous() else coef.contiguous()
 
 
 def _raise_not_invertible(what: str):
-    raise ValueError("coef[..., 0] must be nonzero for lincomb3_inverse_ (the update with a zero "
+    raise ValueError("coef[..., 0] must be nonzero for an inverse update (the update with a zero "
                      f"leading coefficient is not invertible); got {what}")
 
 
 def _check_invertible(coef: torch.Tensor) -> None:
-    """coef in the compute dtype on the CPU: its leading coefficients, as the kernels see them
-    (after rounding: 1e-300 is 0 in float32), must be nonzero."""
-    if bool((coef[..., 0] == 0).any()):
-        _raise_not_invertible(f"{coef[..., 0].tolist()} in {coef.dtype}")
+    """coef (K+1,) or (B, K+1) in the compute dtype on the CPU: its leading coefficients, as the
+    kernels see them (after rounding: 1e-300 is 0 in float32), must be nonzero."""
+    lead = coef[..., 0]
+    if bool((lead == 0).any()):
+        _raise_not_invertible(f"{lead.tolist()} in {coef.dtype}")
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
@@ -279,25 +360,42 @@ def _overlaps_itself(t: torch.Tensor) -> bool:
     return span < t.numel()  # more elements than addresses
 
 
-def _check_at_run_time(x, y, z, coef, inverse: bool) -> None:
+def _check_at_run_time(out, x, terms, coef, inverse: bool) -> None:
     """Step 3: the checks that need real storage, values or the run's mode; run by the op's
-    implementation (eager and compiled alike) before any write."""
-    if x.is_inference() and not torch.is_inference_mode_enabled():
-        raise RuntimeError("x is an inference tensor (created under torch.inference_mode) and "
-                           "cannot be updated in place outside inference mode; run the update "
-                           "under torch.inference_mode() or pass x.clone()")
-    if x.numel() > 1 and _overlaps_itself(x):
-        raise ValueError("x has internally overlapping memory (an expanded view, or strides that "
-                         "reach one address twice); an in-place update needs one element per "
-                         "address")
-    if x.numel():  # memory spans are compared: conservative for interleaved views
-        x0, x1 = _span(x)
-        for name, t in (("y", y), ("z", z), ("coef", coef)):
+    implementation (eager and compiled alike) before any write. Names are made only for a
+    message: this runs on every call."""
+    read = list(terms) if x is None else [x, *terms]
+    read.append(coef)
+
+    def name(i: int) -> str:  # of read[i], then of out[i - len(read)]
+        if i < len(read):
+            j = i - (x is not None)
+            return "coef" if i == len(read) - 1 else "x" if j < 0 else f"terms[{j}]"
+        return "x" if x is None else _output_names(len(out))[i - len(read)]
+
+    for m, o in enumerate(out):
+        if o.is_inference() and not torch.is_inference_mode_enabled():
+            who = name(len(read) + m)
+            raise RuntimeError(f"{who} is an inference tensor (created under "
+                               "torch.inference_mode) and cannot be updated in place outside "
+                               "inference mode; run the update under torch.inference_mode() or "
+                               f"pass {who}.clone()")
+        if not o.numel():
+            continue
+        if o.numel() > 1 and _overlaps_itself(o):
+            raise ValueError(f"{name(len(read) + m)} has internally overlapping memory (an "
+                             "expanded view, or strides that reach one address twice); an "
+                             "in-place update needs one element per address")
+        # Memory spans are compared: conservative for interleaved views.
+        o0, o1 = _span(o)
+        for i, t in enumerate(read + out[m + 1:]):
             if t.numel():
                 t0, t1 = _span(t)
-                if x0 < t1 and t0 < x1:
-                    raise ValueError(f"x must not share memory with {name} (x is written in "
-                                     "place)")
+                if o0 < t1 and t0 < o1:
+                    who = name(len(read) + m)
+                    other = name(i) if i < len(read) else name(i + m + 1)
+                    raise ValueError(f"{who} must not share memory with {other} ({who} is "
+                                     "written)")
     if inverse and coef.device.type == "cpu":  # on a GPU this would cost a device sync
         _check_invertible(coef)
 
@@ -306,115 +404,178 @@ def _check_at_run_time(x, y, z, coef, inverse: bool) -> None:
 # Public functions.
 
 
-def _apply(x, y, z, coef, backend, inverse: bool) -> torch.Tensor:
+def _apply(out, x, terms, coef, backend, inverse: bool, *, several: bool = False, names=None,
+           same_dtype: int = 0) -> list[torch.Tensor]:
+    """Validate, then run the op. out: the written tensors (None entries: new tensors of x's
+    dtype); x None: in place on out[0]. Returns the outputs."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {backend!r}")
-    coef = _check_args(x, y, z, coef, inverse)
-    name = _resolve_name(backend, x.device, x.dtype)
-    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or z.requires_grad
-                                    or coef.requires_grad):
-        x.copy_(torch.ops.belm.lincomb3.default(x, y, z, coef, inverse, name))
-    else:
-        torch.ops.belm.lincomb3_.default(x, y, z, coef, inverse, name)
-    return x
+    coef = _check_args(out, x, terms, coef, inverse, several, names, same_dtype)
+    first = out[0] if x is None else x
+    name = _resolve_name(backend, first.device, first.dtype)
+    terms = list(terms)
+    if torch.is_grad_enabled() and (first.requires_grad or coef.requires_grad
+                                    or any(t.requires_grad for t in terms)):
+        # One out-of-place op per output, all computed before any is written.
+        results = [torch.ops.belm.lincomb.default(first, terms, coef[..., m, :] if several
+                                                  else coef, inverse, name,
+                                                  None if o is None else o.dtype)
+                   for m, o in enumerate(out)]
+        return [r if o is None else o.copy_(r) for o, r in zip(out, results, strict=True)]
+    out = [torch.empty_like(first, memory_format=torch.contiguous_format) if o is None else o
+           for o in out]
+    torch.ops.belm.lincomb_.default(out, x, terms, coef, inverse, name)
+    return out
+
+
+def lincomb_(x: torch.Tensor, terms: Sequence[torch.Tensor], coef, *,
+             backend: str = "auto") -> torch.Tensor:
+    """In place: ``x <- coef[..., 0] * x + coef[..., 1] * terms[0] + ... + coef[..., K] *
+    terms[K-1]``; returns x.
+
+    terms: a list or tuple of 1 to ``MAX_TERMS`` tensors of x's shape and device, each in any
+    float dtype (read as it is, no cast kernel). coef: a float tensor of shape (K+1,) or (B, K+1)
+    with B = x.shape[0] (one row per sample), on x's device, or a sequence of K+1 floats. Math in
+    float32 (float64 for float64 x), a fused multiply-add per term, rounded once to x's dtype.
+    Every check runs before x is written, under torch.compile too. Differentiable in x, the terms
+    and coef (when autograd records the update, it runs out of place and is copied into x: one
+    extra pass).
+    """
+    return _apply([x], None, terms, coef, backend, inverse=False)[0]
+
+
+def lincomb_inverse_(x: torch.Tensor, terms: Sequence[torch.Tensor], coef, *,
+                     backend: str = "auto") -> torch.Tensor:
+    """In place: ``x <- (x - coef[..., 1] * terms[0] - ... - coef[..., K] * terms[K-1]) /
+    coef[..., 0]``; returns x.
+
+    Undoes :func:`lincomb_` with the same terms and coef (a correctly rounded division). A zero
+    leading coefficient (after rounding to the compute dtype) is rejected when coef is a sequence
+    or lives on the CPU; on a GPU that check would cost a device sync, so it yields inf/nan.
+    """
+    return _apply([x], None, terms, coef, backend, inverse=True)[0]
+
+
+def lincomb(x: torch.Tensor, terms: Sequence[torch.Tensor], coef, *, out=None,
+            inverse: bool = False, backend: str = "auto"):
+    """Out of place, one pass over memory: ``coef[..., 0] * x + coef[..., 1] * terms[0] + ...``
+    (with ``inverse=True``: ``(x - coef[..., 1] * terms[0] - ...) / coef[..., 0]``); x and the
+    terms are only read.
+
+    out: None (a new tensor of x's dtype), a tensor of x's shape and device in any float dtype,
+    or a list or tuple of up to ``MAX_OUTPUTS`` such tensors (None entries: new tensors), each
+    computed with its own coefficient row from the same inputs in the same pass: coef is then
+    (M, K+1) or (B, M, K+1), or M sequences of K+1 floats. Outputs must not share memory with x,
+    the terms, coef or each other. Returns the output, or a tuple of the M outputs. Otherwise as
+    :func:`lincomb_` (one rounding per output, to its own dtype).
+    """
+    several = out is not None and not isinstance(out, torch.Tensor)
+    outs = list(out) if several else [out]
+    if several and not 1 <= len(outs) <= MAX_OUTPUTS:
+        raise ValueError(f"out must hold 1 to {MAX_OUTPUTS} tensors, got {len(outs)}")
+    if inverse and len(outs) != 1:
+        raise ValueError(f"an inverse update has one output, got {len(outs)}")
+    outs = _apply(outs, x, terms, coef, backend, bool(inverse), several=several)
+    return tuple(outs) if several else outs[0]
 
 
 def lincomb3_(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, coef, *,
               backend: str = "auto") -> torch.Tensor:
     """In place: ``x <- coef[..., 0] * x + coef[..., 1] * y + coef[..., 2] * z``; returns x.
 
-    coef is a float tensor of shape (3,) or (B, 3) with B = x.shape[0], on x's device, or a
-    sequence of three floats. z may have another float dtype than x. Math in float32 (float64 for
-    float64 x), rounded once to x's dtype. Every check runs before x is written, under
-    torch.compile too. Differentiable in x, y, z and coef (when autograd records the update, it
-    runs out of place and is copied into x: one extra pass).
+    :func:`lincomb_` with terms (y, z) (so y is ``terms[0]`` and z ``terms[1]`` in the messages
+    of the checks that run inside the op): y has x's dtype, z any float dtype; coef is (3,),
+    (B, 3) or three floats.
     """
-    return _apply(x, y, z, coef, backend, inverse=False)
+    return _apply([x], None, (y, z), coef, backend, inverse=False, names=("y", "z"),
+                  same_dtype=1)[0]
 
 
 def lincomb3_inverse_(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, coef, *,
                       backend: str = "auto") -> torch.Tensor:
     """In place: ``x <- (x - coef[..., 1] * y - coef[..., 2] * z) / coef[..., 0]``; returns x.
 
-    Undoes :func:`lincomb3_` with the same y, z and coef. A zero leading coefficient (after
-    rounding to the compute dtype) is rejected when coef is a sequence or lives on the CPU; on a
-    GPU that check would cost a device sync, so it yields inf/nan instead.
+    Undoes :func:`lincomb3_` with the same y, z and coef (see :func:`lincomb_inverse_`).
     """
-    return _apply(x, y, z, coef, backend, inverse=True)
+    return _apply([x], None, (y, z), coef, backend, inverse=True, names=("y", "z"),
+                  same_dtype=1)[0]
 
 
 # --------------------------------------------------------------------------------------------
-# torch.library ops. belm::lincomb3_ and belm::lincomb3 are implemented here, for every device
-# (CompositeExplicitAutograd), by _run; belm::lincomb3_ext is implemented by the C++ extension
-# (TORCH_LIBRARY_IMPL for CPU/CUDA) and is the kernel of the "cpu" and "cuda" backends.
+# torch.library ops. belm::lincomb_ (the outputs written in place) and belm::lincomb (one output,
+# out of place, with autograd) are implemented here, for every device
+# (CompositeExplicitAutograd), by _run; the compiled backends register their own kernel ops
+# (extension.py).
 
 _lib = torch.library.Library("belm", "DEF")
-_lib.define("lincomb3_(Tensor(a!) x, Tensor y, Tensor z, Tensor coef, bool inverse, str backend)"
-            " -> ()")
-_lib.define("lincomb3(Tensor x, Tensor y, Tensor z, Tensor coef, bool inverse, str backend)"
-            " -> Tensor")
+_lib.define("lincomb_(Tensor(a!)[] out, Tensor? x, Tensor[] terms, Tensor coef, bool inverse, "
+            "str backend) -> ()")
+_lib.define("lincomb(Tensor x, Tensor[] terms, Tensor coef, bool inverse, str backend, "
+            "ScalarType? dtype) -> Tensor")
 _lib.define("lincomb3_ext(Tensor(a!) x, Tensor y, Tensor z, Tensor coef, bool inverse) -> ()")
 
 
-def _run(x, y, z, coef, inverse, backend) -> None:
-    _check_at_run_time(x, y, z, coef, inverse)
-    get_backend(backend).run(x, y, z, coef, inverse)
+def _run(out, x, terms, coef, inverse, backend) -> None:
+    _check_at_run_time(out, x, terms, coef, inverse)
+    get_backend(backend).run(out, x, terms, coef, inverse)
 
 
-def _run_out_of_place(x, y, z, coef, inverse, backend) -> torch.Tensor:
-    _check_at_run_time(x, y, z, coef, inverse)
-    out = x.clone(memory_format=torch.contiguous_format)
-    get_backend(backend).run(out, y, z, coef, inverse)
-    return out
+def _run_out_of_place(x, terms, coef, inverse, backend, dtype) -> torch.Tensor:
+    """coef: the (K+1,) or (B, K+1) rows of this one output; dtype: the output's (None: x's)."""
+    result = torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format)
+    _run([result], x, terms, coef.contiguous(), inverse, backend)
+    return result
 
 
-torch.library.impl("belm::lincomb3_", "CompositeExplicitAutograd", _run, lib=_lib)
-torch.library.impl("belm::lincomb3", "CompositeExplicitAutograd", _run_out_of_place, lib=_lib)
-torch.library.register_fake("belm::lincomb3_", lambda x, y, z, coef, inverse, backend: None,
+torch.library.impl("belm::lincomb_", "CompositeExplicitAutograd", _run, lib=_lib)
+torch.library.impl("belm::lincomb", "CompositeExplicitAutograd", _run_out_of_place, lib=_lib)
+torch.library.register_fake("belm::lincomb_", lambda out, x, terms, coef, inverse, backend: None,
                             lib=_lib)
 torch.library.register_fake(
-    "belm::lincomb3",
-    lambda x, y, z, coef, inverse, backend: torch.empty_like(
-        x, memory_format=torch.contiguous_format), lib=_lib)
+    "belm::lincomb",
+    lambda x, terms, coef, inverse, backend, dtype: torch.empty_like(
+        x, dtype=dtype, memory_format=torch.contiguous_format), lib=_lib)
 torch.library.register_fake("belm::lincomb3_ext", lambda x, y, z, coef, inverse: None, lib=_lib)
 
 
-# Backward of belm::lincomb3. With s = sums over each coefficient row's elements:
-#   forward  out = a x + b y + c z:    dx = a g, dy = b g, dz = c g,
-#                                      d(a, b, c) = s(g x), s(g y), s(g z)
-#   inverse  out = (x - b y - c z)/a:  with h = g / a: dx = h, dy = -b h, dz = -c h,
-#                                      d(a, b, c) = -s(h out), -s(h y), -s(h z)
+# Backward of belm::lincomb. With s = sums over each coefficient row's elements and c_0 the
+# leading coefficient:
+#   forward  out = c_0 x + sum_k c_k t_k:    dx = c_0 g, dt_k = c_k g,
+#                                            dc_0 = s(g x), dc_k = s(g t_k)
+#   inverse  out = (x - sum_k c_k t_k)/c_0:  with h = g / c_0: dx = h, dt_k = -c_k h,
+#                                            dc_0 = -s(h out), dc_k = -s(h t_k)
 
 def _setup_context(ctx, inputs, output):
-    x, y, z, coef, inverse, _ = inputs
+    x, terms, coef, inverse, _, _ = inputs
     ctx.inverse = inverse
-    ctx.dtypes = (x.dtype, z.dtype)
-    need_coef = ctx.needs_input_grad[3]
-    # The forward's d(a) needs x as it was: x is overwritten by the caller's copy_, so keep a
-    # copy (only when coef needs a gradient).
+    ctx.dtypes = (x.dtype, [t.dtype for t in terms])
+    need_coef = ctx.needs_input_grad[2]
+    # The forward's dc_0 needs x as it was: the in-place functions overwrite x with the result,
+    # so keep a copy (only when coef needs a gradient).
     first = (output if inverse else x.detach().clone()) if need_coef else None
-    ctx.save_for_backward(coef, first, y if need_coef else None, z if need_coef else None)
+    ctx.save_for_backward(coef, first, *(terms if need_coef else ()))
 
 
 def _backward(ctx, grad):
-    coef, first, y, z = ctx.saved_tensors
-    x_dtype, z_dtype = ctx.dtypes
-    a, b, c = _columns(coef, grad)
+    coef, first, *terms = ctx.saved_tensors
+    x_dtype, term_dtypes = ctx.dtypes
+    cols = _columns(coef, grad)
     g = grad.to(coef.dtype)
     if ctx.inverse:
-        g = g / a
-        dx, dy, dz = g, -b * g, -c * g
+        g = g / cols[0]
+        dx, dterms = g, [-c * g for c in cols[1:]]
     else:
-        dx, dy, dz = a * g, b * g, c * g
+        dx, dterms = cols[0] * g, [c * g for c in cols[1:]]
     dcoef = None
-    if ctx.needs_input_grad[3]:
+    if ctx.needs_input_grad[2]:
         dims = tuple(range(1 if coef.dim() == 2 else 0, grad.dim()))
-        sums = [(g * t.to(coef.dtype)).sum(dim=dims) for t in (first, y, z)]
+        sums = [(g * t.to(coef.dtype)).sum(dim=dims) for t in (first, *terms)]
         dcoef = torch.stack([-s for s in sums] if ctx.inverse else sums, dim=-1)
-    return dx.to(x_dtype), dy.to(x_dtype), dz.to(z_dtype), dcoef, None, None
+    dterms = [d.to(dt) for d, dt in zip(dterms, term_dtypes, strict=True)]
+    return dx.to(x_dtype), dterms, dcoef, None, None, None
 
 
-torch.library.register_autograd("belm::lincomb3", _backward, setup_context=_setup_context,
+torch.library.register_autograd("belm::lincomb", _backward, setup_context=_setup_context,
                                 lib=_lib)

@@ -239,8 +239,19 @@ def _launch(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, coef: torch.Tenso
         _lincomb3_kernel[(programs(plan, block),)](*args, **flags, BLOCK=block, num_warps=warps)
 
 
-def run(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, coef: torch.Tensor,
-        inverse: bool) -> None:
+def run(out, x, terms, coef, inverse) -> None:
+    """The backend's kernel (belm_kernels.ops.Backend.run). Interim: the Triton kernel does the
+    in-place three-term update; other updates run on the torch reference until the K-term
+    kernel lands."""
+    if x is None and len(out) == 1 and len(terms) == 2 and terms[0].dtype == out[0].dtype:
+        run3(out[0], terms[0], terms[1], coef, inverse)
+    else:
+        from .ops import torch_update
+        torch_update(out, x, terms, coef, inverse)
+
+
+def run3(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, coef: torch.Tensor,
+         inverse: bool) -> None:
     """The update on validated arguments (coef in the compute dtype), CPU (interpreter) or CUDA.
 
     Fast path: contiguous x is updated directly. Any other layout of x is computed into a

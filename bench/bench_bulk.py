@@ -13,6 +13,13 @@ done / the slowest rank's time from its first item to its last shard), and the w
 whole command (interpreter start, imports, model load included). The 2-rank outputs are compared
 byte for byte with the 1-process ``--threads 1`` outputs (they must be equal).
 
+Verification (every stored tensor, file and item record checked against its SHA-256, wherever a
+stored item is trusted): the runs above include it where they trust stored data (regenerate
+verifies each pair before using it) and the digests they compute for what they write. Its cost
+is measured on each finished 1-process folder: the same command run again (everything verified
+and skipped: its check phase and wall time), and in this process the time to read every shard
+against the time to verify what it stores.
+
 On a GPU machine ``--nproc`` sets the ranks (one GPU each). Writes
 bench/results/bulk_<device-slug>.csv and .md, stamped (bench/stamp.py).
 
@@ -63,6 +70,28 @@ def outputs(folder: Path) -> dict[str, bytes]:
             if p.is_file() and p.name not in ("run.json", "summary.json")}
 
 
+def verification_cost(folder: Path) -> dict:
+    """Read every shard of a finished folder, then verify every stored item (``record_problem``:
+    its record, tensors and files against their SHA-256); the seconds of each and the bytes."""
+    from belm_kernels import bulk
+
+    paths = sorted(folder.glob("shard-*.safetensors"))
+    t0 = time.perf_counter()
+    shards = [bulk.read_shard(path) for path in paths]
+    read = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    problems = [bulk.record_problem(folder, rec, tensors)
+                for tensors, meta in shards for rec in meta["items"]]
+    verify = time.perf_counter() - t0
+    if any(problems):
+        raise SystemExit(f"{folder}: stored items fail verification: {problems}")
+    nbytes = sum(t.numel() * t.element_size() for tensors, _ in shards for t in tensors.values())
+    nbytes += sum((folder / rel).stat().st_size for _, meta in shards for rec in meta["items"]
+                  for rel in rec["files"])
+    return {"items": len(problems), "stored_mb": nbytes / 2**20, "read_seconds": read,
+            "verify_seconds": verify}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=32)
@@ -77,7 +106,7 @@ def main() -> None:
     # both cores through intra-op threads
     configs = [(1, 1), (args.nproc, 1), (1, 2)]
     common = ["--steps", args.steps, "--guidance", 3.0, "--shards", 2 * args.nproc * 2]
-    rows = []
+    rows, checks = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         prompts = tmp / "prompts.txt"
@@ -105,10 +134,30 @@ def main() -> None:
                       f"{s['items_per_second']:.2f} items/s ({s['seconds']:.1f} s processing, "
                       f"{s['wall_seconds']:.1f} s wall), outputs equal to 1x1: {equal}",
                       flush=True)
-    write(rows, info, device_slug(device, info), args)
+            out = folders[command, 1, 1]
+            again = run(1, 1, command, out, *make_args((1, 1)))  # resume: all verified, skipped
+            if (again["done"], again["skipped"], again["untrusted"]) != (0, args.items, []):
+                raise SystemExit(f"{command}: the rerun redid work: {again}")
+            cost = verification_cost(out)
+            checks.append({"command": command, "items": cost["items"],
+                           "stored_mb": round(cost["stored_mb"], 3),
+                           "read_seconds": round(cost["read_seconds"], 4),
+                           "verify_seconds": round(cost["verify_seconds"], 4),
+                           "verify_ms_per_item": round(1e3 * cost["verify_seconds"]
+                                                       / cost["items"], 3),
+                           "processing_seconds_1x1": next(
+                               r["processing_seconds"] for r in rows if r["command"] == command
+                               and (r["processes"], r["threads_per_process"]) == (1, 1)),
+                           "rerun_check_seconds": again["check_seconds"],
+                           "rerun_wall_seconds": round(again["wall_seconds"], 2)})
+            print(f"{command:20s} verification: {cost['stored_mb']:.2f} MB of {cost['items']} "
+                  f"items in {cost['verify_seconds']:.3f} s (reading the shards "
+                  f"{cost['read_seconds']:.3f} s); rerun: check {again['check_seconds']} s, "
+                  f"wall {again['wall_seconds']:.1f} s", flush=True)
+    write(rows, checks, info, device_slug(device, info), args)
 
 
-def write(rows, info, slug, args) -> None:
+def write(rows, checks, info, slug, args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / f"bulk_{slug}.csv", "w", newline="") as f:
         for key, value in info.items():
@@ -116,6 +165,12 @@ def write(rows, info, slug, args) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    with open(args.out / f"bulk_verify_{slug}.csv", "w", newline="") as f:
+        for key, value in info.items():
+            f.write(f"# {key}: {value}\n")
+        writer = csv.DictWriter(f, fieldnames=list(checks[0]))
+        writer.writeheader()
+        writer.writerows(checks)
     base = {r["command"]: r["items_per_second"] for r in rows
             if (r["processes"], r["threads_per_process"]) == (1, 1)}
     lines = [
@@ -139,6 +194,23 @@ def write(rows, info, slug, args) -> None:
         lines.append(f"| {r['command']} | {r['processes']} x {r['threads_per_process']} | "
                      f"{r['items_per_second']:.2f} | {speedup:.2f} | {r['processing_seconds']} | "
                      f"{r['wall_seconds']} | {r['bytes_equal_to_1x1']} |")
+    lines += [
+        "",
+        "Verification (folder format 3: SHA-256 of every stored tensor, file and item record), "
+        "on each finished 1 x 1 folder: `verify` = checking every stored item in one process "
+        "(the shards already read; `read` = reading them), and the same command run again into "
+        "the folder, which verifies every item and skips it all (`rerun check` = its check "
+        "phase, `rerun wall` = the whole command).",
+        "",
+        "| command | items | stored MB | read s | verify s | verify ms/item | processing s (1x1) "
+        "| rerun check s | rerun wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in checks:
+        lines.append(f"| {c['command']} | {c['items']} | {c['stored_mb']} | {c['read_seconds']} "
+                     f"| {c['verify_seconds']} | {c['verify_ms_per_item']} | "
+                     f"{c['processing_seconds_1x1']} | {c['rerun_check_seconds']} | "
+                     f"{c['rerun_wall_seconds']} |")
     lines += ["", f"Reproduce: `python bench/bench_bulk.py --items {args.items} --steps "
                   f"{args.steps}`", ""]
     (args.out / f"bulk_{slug}.md").write_text("\n".join(lines))

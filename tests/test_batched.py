@@ -189,12 +189,12 @@ def test_invert_then_sample_reconstructs_float64(method, params):
     x0 = [MIXTURE.sample_data(1, gen)[0] for _ in samplers]
     conds = [0.2 * torch.randn(DIM, generator=gen, dtype=torch.float64) for _ in samplers]
     inverted = [st.add(x, s, "invert", cond=c)
-                for x, s, c in zip(x0[:3], samplers, conds, strict=True)]
+                for x, s, c in zip(x0[:3], samplers[:3], conds[:3], strict=True)]
     st.tick()  # the fourth joins one tick later
     inverted.append(st.add(x0[3], samplers[3], "invert", cond=conds[3]))
     st.run()
     rebuilt = [st.add(r.result[0], s, x_T2=r.result[1], cond=c)
-               for r, s, c in zip(inverted[:3], samplers, conds, strict=True)]
+               for r, s, c in zip(inverted[:3], samplers[:3], conds[:3], strict=True)]
     st.tick()
     rebuilt.append(st.add(inverted[3].result[0], samplers[3], x_T2=inverted[3].result[1],
                           cond=conds[3]))
@@ -375,12 +375,100 @@ OBELM = bk.get_sampler("obelm", SCHED, 5)
      ValueError, "gamma=0 .* cannot be inverted"),
     (lambda st: st.cancel(bk.batched.Request("gone", OBELM, "sample", 5)), ValueError,
      "request 'gone' is not active"),
+    # copies that would fail: checked before the request joins (no phantom request)
+    (lambda st: st.add(torch.zeros(DIM, dtype=torch.float64, device="meta"), OBELM, cond=Z,
+                       name="m"),
+     ValueError, r"request 'm': latents x is on meta, the stepper on cpu: move it there first"),
+    (lambda st: st.add(Z, OBELM, cond=Z.to("meta")), ValueError, "cond is on meta"),
+    (lambda st: st.add(Z.to_sparse(), OBELM, cond=Z, name="sp"), ValueError,
+     r"request 'sp': latents x is a torch.sparse_coo tensor; the batch holds dense \(strided\)"),
+    (lambda st: st.add(Z, OBELM, x_T2=Z.to_sparse(), cond=Z), ValueError,
+     "x_T2 is a torch.sparse_coo tensor"),
+    # non-finite latents would end NaN
+    (lambda st: st.add(torch.full((DIM,), math.nan, dtype=torch.float64), OBELM, cond=Z,
+                       name="nan"),
+     ValueError, "request 'nan': latents x has NaN or inf values; the request would end NaN"),
+    (lambda st: st.add(Z, OBELM, x_T2=Z.index_fill(0, torch.tensor([3]), -math.inf), cond=Z),
+     ValueError, "x_T2 has NaN or inf values"),
+    (lambda st: st.add(Z, OBELM, cond=Z.index_fill(0, torch.tensor([0]), math.nan)),
+     ValueError, "cond has NaN values"),
 ])
 def test_bad_request_leaves_everything_untouched(running, call, exc, match):
     snap = _snapshot(running)
     with pytest.raises(exc, match=match):
         call(running)
     _assert_untouched(running, snap)
+
+
+def test_refused_copy_leaves_no_phantom_request():
+    """The issue's reproducer: a request whose latents cannot be copied in (another device)
+    used to join before the copy failed; every later tick then failed on its slot."""
+    o = bk.get_sampler("obelm", SCHED, 6)
+    st = BatchedStepper(lambda x, t: 0.1 * x, SCHED, (4,), capacity=3, dtype=torch.float64)
+    x = torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    req = st.add(x, o, "invert")
+    st.tick()
+    with pytest.raises(ValueError, match="latents x is on meta"):
+        st.add(torch.zeros(4, dtype=torch.float64, device="meta"), o)
+    assert len(st) == 1 and st.requests == [req]
+    assert st.run() == [req]
+    assert_same(req.result, tuple(t[0] for t in o.invert(lambda x, t: 0.1 * x, x[None])))
+
+
+def test_infinite_conditioning_is_accepted():
+    """-inf in a conditioning is meaningful (an additive attention mask); NaN never is."""
+    st = BatchedStepper(lambda x, t, cond: x * cond.exp(), SCHED, (DIM,), capacity=1,
+                        dtype=torch.float64, cond_shape=(DIM,))
+    cond = Z.index_fill(0, torch.tensor([2]), -math.inf)
+    req = st.add(torch.ones(DIM, dtype=torch.float64), OBELM, cond=cond)
+    st.run()
+    assert bool(torch.isfinite(req.result).all())
+
+
+@pytest.mark.parametrize("built_in, run_in", [(True, False), (False, True), (True, True)])
+def test_inference_mode_inside_or_outside(built_in, run_in):
+    """A stepper built under torch.inference_mode() and fed outside it (or the other way round)
+    works: its buffers are normal tensors, updated in place in either mode."""
+    with torch.inference_mode(built_in):
+        st = stepper(capacity=2)
+    gen = torch.Generator().manual_seed(1)
+    x, cond = torch.randn(2, DIM, generator=gen, dtype=torch.float64)
+    with torch.inference_mode(run_in):
+        a = st.add(x, OBELM, cond=cond)
+        b = st.add(x, OBELM, "invert", cond=cond)
+        st.run()
+    assert_same(a.result, plain(a, x, cond))
+    assert_same(b.result, plain(b, x, cond))
+
+
+def test_no_autograd_graph_leaks_through_the_stepper():
+    """Latents that require grad (VAE latents made outside no_grad) are copied in detached:
+    neither their request's result nor a later request's requires grad, and the stepper's buffers
+    never join a graph."""
+    st = stepper(capacity=2)
+    leaf = torch.randn(DIM, dtype=torch.float64, requires_grad=True)
+    x, cond = 2 * leaf, torch.zeros(DIM, dtype=torch.float64, requires_grad=True)
+    first = st.add(x, OBELM, cond=cond)
+    inv = st.add(x, OBELM, "invert", cond=cond)
+    st.run()
+    later = st.add(torch.randn(DIM, dtype=torch.float64), OBELM, cond=cond.detach())
+    st.run()
+    for t in (first.result, *inv.result, later.result):
+        assert not t.requires_grad and t.grad_fn is None
+    later.result.numpy()  # raised "Can't call numpy() on Tensor that requires grad"
+    for buf in (*st._bufs, st._cond, st._coefs, st._times, st._step):
+        assert not buf.requires_grad and buf.grad_fn is None
+    assert_same(first.result, plain(first, x.detach(), cond.detach()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_stepper_refuses_cpu_latents():
+    st = stepper(device="cuda")
+    assert st.device == torch.device("cuda", torch.cuda.current_device())
+    with pytest.raises(ValueError, match="request 'c': latents x is on cpu, the stepper on cuda"):
+        st.add(Z, OBELM, cond=Z.cuda(), name="c")
+    assert len(st) == 0
+    st.add(Z.cuda(), OBELM, cond=Z.cuda())  # "cuda" and "cuda:0" are the same device
 
 
 def test_full_stepper_refuses_before_any_change(running):

@@ -118,6 +118,10 @@ def test_reference_run_stores_every_item_once_with_its_metadata(reference):
     assert meta["config"] == cfg and rec["fingerprint"]["prompt"] == "a photo of img3"
     assert rec["fingerprint"]["negative_prompt"] == "blurry"
     assert len(rec["fingerprint"]["image_sha256"]) == 64
+    # a SHA-256 of every tensor (dtype, shape, bytes) and of the record itself
+    assert rec["tensors"] == {n: bulk.tensor_sha256(tensors[f"img3/{n}"])
+                              for n in ("state_T", "state_T2", "x_T", "x_T2")}
+    assert rec["files"] == {} and rec["sha256"] == bulk.record_sha256(rec)
 
 
 def test_shard_of_is_a_fixed_function_of_the_id():
@@ -270,17 +274,19 @@ def test_flow_folders_on_another_grid_are_refused(flow_run, tmp_path, monkeypatc
                                     for f in s["failures"])
 
 
-def test_folder_of_the_previous_format_is_refused(reference, tmp_path, capsys):
-    """Format 1 recorded only the timesteps of the grid: such folders are refused, not misread."""
+@pytest.mark.parametrize("old", ["belm-kernels bulk 1", "belm-kernels bulk 2"])
+def test_folder_of_a_previous_format_is_refused(reference, tmp_path, capsys, old):
+    """Format 1 recorded only the timesteps of the grid, format 2 no SHA-256 of the stored
+    tensors: such folders are refused, not misread."""
     pairs = tmp_path / "pairs"
     shutil.copytree(reference, pairs)
     run = json.loads((pairs / "run.json").read_text())
-    run["format"] = "belm-kernels bulk 1"
+    run["format"] = old
     (pairs / "run.json").write_text(json.dumps(run))
     assert main(["regenerate-dataset", "--pairs", str(pairs), "--out", str(tmp_path / "out"),
                  "--no-progress"]) == 2
     assert (f"is not a run record of this version of the tool ({bulk.FORMAT}; it has "
-            "'belm-kernels bulk 1')") in capsys.readouterr().err
+            f"{old!r})") in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -330,6 +336,98 @@ def test_unreadable_pairs_shard_is_reported_and_the_others_regenerate(reference,
     assert str(victim) in s["failures"][0]["error"] and "unreadable" in s["failures"][0]["error"]
     assert sorted(k.split("/")[0] for k in stored(out)) == sorted(
         f"img{i}" for i in range(N_ITEMS) if i not in (1, 6))
+
+
+def flip_byte(path: Path, key: str | None = None) -> None:
+    """Flip one bit in the middle of tensor ``key``'s bytes in a safetensors file (it stays
+    readable), or in the middle of the file if ``key`` is None."""
+    data = bytearray(path.read_bytes())
+    if key is None:
+        at = len(data) // 2
+    else:
+        n = int.from_bytes(data[:8], "little")
+        begin, end = json.loads(data[8:8 + n])[key]["data_offsets"]
+        at = 8 + n + (begin + end) // 2
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_corrupted_pair_is_refused_by_regenerate_and_redone_on_resume(data, reference, tmp_path,
+                                                                       pipe, capsys):
+    """One payload bit of a finished shard flipped: regeneration refuses that item naming its
+    shard (it used to drift silently), and a resumed invert-dataset redoes it (it used to skip
+    it as done), after which regeneration is exact again."""
+    pairs = tmp_path / "pairs"
+    shutil.copytree(reference, pairs)
+    shard = bulk.shard_of("img1", SHARDS)
+    victim = bulk.shard_path(pairs, shard, SHARDS)
+    flip_byte(victim, "img1/state_T2")
+    assert bulk.read_shard(victim)  # still a readable shard
+    out = tmp_path / "regen"
+    regen = ["regenerate-dataset", "--pairs", str(pairs), "--out", str(out), "--save", "latents",
+             "--no-progress"]
+    assert main(regen) == 1
+    s = summary(out)
+    assert (s["done"], s["failed"]) == (N_ITEMS - 1, 1) and s["failures"][0]["id"] == "img1"
+    assert (f"the stored pair in {victim} fails verification (tensor 'state_T2' does not match "
+            "its SHA-256 (corrupted)): refusing it; run invert-dataset into") in (
+        s["failures"][0]["error"])
+    assert main(["invert-dataset", "--data", str(data), "--out", str(pairs), *RUN]) == 0
+    s = summary(pairs)
+    assert (s["done"], s["skipped"], s["failed"]) == (1, N_ITEMS - 1, 0)
+    assert s["untrusted"] == [{"shard": shard, "id": "img1", "problem": (
+        f"shard file {victim.name}, item 'img1': tensor 'state_T2' does not match its SHA-256 "
+        "(corrupted): computed again")}]
+    printed = capsys.readouterr()
+    assert f"NOT TRUSTED: shard file {victim.name}, item 'img1'" in printed.err
+    assert "1 stored result(s) failing verification computed again" in printed.out
+    assert outputs(pairs) == outputs(reference)  # redone to the same bytes
+    assert main(regen) == 0 and (summary(out)["done"], summary(out)["skipped"]) == (1, N_ITEMS - 1)
+    assert_inputs_come_back(data, out, pipe, ["img1"])
+
+
+def test_tampered_record_is_refused_by_regenerate(reference, tmp_path):
+    """A record whose text changed but still parses (here its stored prompt, which regeneration
+    uses) fails its own SHA-256."""
+    pairs = tmp_path / "pairs"
+    shutil.copytree(reference, pairs)
+    path = bulk.shard_path(pairs, bulk.shard_of("img3", SHARDS), SHARDS)
+    tensors, meta = bulk.read_shard(path)
+    next(r for r in meta["items"] if r["id"] == "img3")["fingerprint"]["prompt"] = "a dog"
+    bulk.write_shard(path, tensors, meta)
+    out = tmp_path / "regen"
+    assert main(["regenerate-dataset", "--pairs", str(pairs), "--out", str(out), "--save",
+                 "latents", "--no-progress"]) == 1
+    s = summary(out)
+    assert [f["id"] for f in s["failures"]] == ["img3"] and s["done"] == N_ITEMS - 1
+    assert "fails verification (its record does not match its SHA-256)" in s["failures"][0]["error"]
+
+
+def test_corrupted_stored_image_is_redone(tmp_path):
+    """generate-dataset's images carry a SHA-256 too: a changed image (same size, so the old
+    size check passed it) is made again on resume, to the same bytes."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\na blue car\n")
+    args = ["generate-dataset", "--prompts", str(prompts), "--out", str(tmp_path / "gen"),
+            "--steps", "2", "--no-progress"]
+    assert main(args) == 0
+    before = outputs(tmp_path / "gen")
+    image = tmp_path / "gen" / "images" / "000001.png"
+    flip_byte(image)
+    assert main(args) == 0
+    s = summary(tmp_path / "gen")
+    assert (s["done"], s["skipped"]) == (1, 1) and [u["id"] for u in s["untrusted"]] == ["000001"]
+    assert "file images/000001.png does not match its SHA-256" in s["untrusted"][0]["problem"]
+    assert outputs(tmp_path / "gen") == before
+
+
+def test_tensor_sha256_covers_dtype_shape_and_bytes():
+    t = torch.arange(8, dtype=torch.float32)
+    digests = {bulk.tensor_sha256(x) for x in (t, t.reshape(2, 4), t.view(torch.int32), t[::2],
+                                               t.to(torch.bfloat16), t.to(torch.float64))}
+    assert len(digests) == 6
+    assert bulk.tensor_sha256(t.reshape(4, 2).t()) == bulk.tensor_sha256(t.reshape(4, 2).t()
+                                                                         .contiguous())
 
 
 def test_edit_with_new_prompts(reference, tmp_path):
@@ -497,6 +595,143 @@ def test_unreadable_shard_and_stale_temp_file_are_redone(data, reference, tmp_pa
     s = summary(out)
     assert (s["done"], s["skipped"], s["shards_written"]) == (2, N_ITEMS - 2, 1)
     assert outputs(out) == outputs(reference)
+
+
+# ------------------------------------------------------------------ image modes
+
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+LEVELS = (0.0, 0.25, 0.75, 1.0)  # the gray of each quarter of a test image's width (no ties)
+
+
+def mode_image(mode: str, size: int = 32):
+    """A size x size image in ``mode`` whose vertical quarters hold the grays LEVELS, in the
+    mode's own range: 0..65535 for 16-bit and I, 0..1 for F, 0..255 for 8-bit modes."""
+    level = np.repeat(np.array(LEVELS), size // 4)[None, :].repeat(size, 0)
+    if mode in SIXTEEN_BIT + ("I",):
+        wide = np.rint(level * 65535)
+        if mode == "I":
+            return Image.fromarray(wide.astype(np.int32))
+        order = {"I;16B": ">u2", "I;16N": "=u2"}.get(mode, "<u2")
+        return Image.frombytes(mode, (size, size), wide.astype(order).tobytes())
+    if mode == "F":
+        return Image.fromarray(level.astype(np.float32))
+    if mode == "1":
+        return Image.fromarray(level >= 0.5)
+    gray = Image.fromarray(np.rint(level * 255).astype(np.uint8)).convert("RGB")
+    if mode in ("P", "PA"):
+        gray = gray.convert("P", palette=Image.Palette.ADAPTIVE)  # exact grays
+    elif "A" in mode or "a" in mode:
+        gray = gray.convert("RGBA")
+    return gray.convert(mode)
+
+
+def written_images(folder: Path) -> list[tuple[str, str, Path]]:
+    """(format, mode, file) for every format PIL both writes and opens and every mode it can write
+    in that format (some writers convert: the file holds what PIL wrote)."""
+    import warnings
+
+    Image.init()
+    found = []
+    for fmt in sorted(set(Image.SAVE) & set(Image.OPEN)):
+        for mode in sorted(Image.MODES):
+            path = folder / f"{fmt}-{mode.replace(';', '_')}.img"
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    mode_image(mode).save(path, format=fmt)
+                with Image.open(path) as im:
+                    np.asarray(im)
+            except Exception:  # PIL cannot write (or read back) this mode in this format
+                path.unlink(missing_ok=True)
+                continue
+            found.append((fmt, mode, path))
+    return found
+
+
+def expected_rgb(path: Path):
+    """What read_rgb must give for a file: PIL's own conversion for 8-bit modes (as before); the
+    16-bit grays (I;16*, and I from PNG / PPM) times 255/65535 and float grays in 0..1 times 255,
+    rounded half up; None where it must fail (I of other formats, F outside 0..1)."""
+    with Image.open(path) as im:
+        mode, fmt, raw = im.mode, im.format, np.asarray(im)
+        if mode not in SIXTEEN_BIT + ("I", "F"):
+            return np.asarray(im.convert("RGB"))
+    if mode == "F":
+        if not (raw.min() >= 0 and raw.max() <= 1):
+            return None
+        gray = np.floor(raw.astype(np.float64) * 255 + 0.5)
+    elif mode == "I" and fmt not in ("PNG", "PPM"):
+        return None
+    else:
+        gray = (raw.astype(np.int64) * 255 + 32767) // 65535
+    return np.repeat(gray.astype(np.uint8)[..., None], 3, axis=2)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # PIL's IM format
+def test_every_mode_pil_writes_is_read_with_its_content_or_refused(tmp_path):
+    """read_rgb on every (format, mode) PIL can write and open: 8-bit RGB with the content kept,
+    or a ValueError naming the file. (PIL's own convert('RGB') clips 16-bit and float images to
+    255: an almost white 16-bit PNG used to become white.)"""
+    found = written_images(tmp_path)
+    stored = set()
+    for fmt, mode, path in found:
+        with Image.open(path) as im:
+            stored.add((im.format, im.mode))
+        want = expected_rgb(path)
+        if want is None:
+            with pytest.raises(ValueError, match=re.escape(str(path))):
+                bulk.read_rgb(path)
+            continue
+        got = bulk.read_rgb(path)
+        assert got.mode == "RGB" and np.array_equal(np.asarray(got), want), (fmt, mode)
+    # what this covers (a newer PIL may write more): every mode PIL stores in a file
+    assert {m for _, m in stored} >= {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr",
+                                      "LAB", "I", "I;16", "I;16B", "F"}
+    assert {("PNG", "I;16"), ("TIFF", "I;16"), ("TIFF", "I;16B"), ("PPM", "I"), ("TIFF", "I"),
+            ("TIFF", "F")} <= stored
+    # the 16-bit and float files hold their grays: none of them reads as clipped
+    for fmt, mode in [("PNG", "I;16"), ("TIFF", "I;16B"), ("PPM", "I"), ("TIFF", "F")]:
+        path = next(p for f, m, p in found if (f, m) == (fmt, mode))
+        quarters = np.asarray(bulk.read_rgb(path))[0, ::8, 0]
+        assert quarters.tolist() == [0, 64, 191, 255], (fmt, mode)
+
+
+def test_refused_image_modes_say_why(tmp_path):
+    for name, image, match in [
+            ("wide.tiff", mode_image("I"), r"\(TIFF, mode I: 32-bit or signed integers\) has "
+                                           "no defined range to scale to 8 bits"),
+            ("bright.tiff", Image.fromarray(np.full((4, 4), 2.0, np.float32)),
+             r"\(TIFF, mode F\) holds float values in \[2.0, 2.0\]; float images are read as "
+             "0..1"),
+            ("nan.tiff", Image.fromarray(np.full((4, 4), np.nan, np.float32)), "mode F"),
+    ]:
+        image.save(tmp_path / name)
+        with pytest.raises(ValueError, match=match):
+            bulk.read_rgb(tmp_path / name)
+
+
+def test_16_bit_image_inverts_as_its_8_bit_scaling(tmp_path):
+    """An almost white 16-bit PNG is inverted as the 8-bit image of its grays scaled to 0..255,
+    bit for bit (it used to be clipped to white, and the run exited 0); a float image out of 0..1
+    fails with a message and the other items go on."""
+    rng = np.random.default_rng(3)
+    wide = rng.integers(56000, 65536, (32, 32), dtype=np.uint16)
+    (tmp_path / "d").mkdir()
+    Image.fromarray(wide).save(tmp_path / "d" / "wide.png")
+    narrow = ((wide.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
+    Image.fromarray(narrow).convert("RGB").save(tmp_path / "d" / "narrow.png")
+    Image.fromarray(np.full((32, 32), 300.0, np.float32)).save(tmp_path / "d" / "float.tiff")
+    manifest = tmp_path / "items.jsonl"
+    manifest.write_text("".join(json.dumps({"image": f"d/{n}", "prompt": "a photo"}) + "\n"
+                                for n in ("wide.png", "narrow.png", "float.tiff")))
+    out = tmp_path / "pairs"
+    assert main(["invert-dataset", "--data", str(manifest), "--out", str(out), *RUN]) == 1
+    s = summary(out)
+    assert s["done"] == 2 and [f["id"] for f in s["failures"]] == ["float"]
+    assert "holds float values in [300.0, 300.0]" in s["failures"][0]["error"]
+    pairs = stored(out)
+    for name in ("x_T", "x_T2", "state_T", "state_T2"):
+        assert torch.equal(pairs[f"wide/{name}"], pairs[f"narrow/{name}"]), name
 
 
 def test_manifests_and_folders_read_the_same_items(tmp_path):

@@ -457,10 +457,10 @@ def _bad_inputs():
         "coef-3-by-1": (ValueError, "coef must have shape", coef(ones(3, 1))),
         "coef-int": (TypeError, "coef must be a float tensor", coef(ones(3, dtype=torch.int32))),
         "coef-device": (ValueError, "coef must be on x's", coef(torch.ones(3, device="meta"))),
-        "coef-list-2": (TypeError, "sequence of three floats", coef([1.0, 2.0])),
-        "coef-list-str": (TypeError, "sequence of three floats", coef([1.0, 2.0, "3"])),
-        "coef-list-bool": (TypeError, "sequence of three floats", coef([True, 0.5, 0.5])),
-        "coef-none": (TypeError, "sequence of three floats", coef(None)),
+        "coef-list-2": (TypeError, "sequence of 3 floats", coef([1.0, 2.0])),
+        "coef-list-str": (TypeError, "sequence of 3 floats", coef([1.0, 2.0, "3"])),
+        "coef-list-bool": (TypeError, "sequence of 3 floats", coef([True, 0.5, 0.5])),
+        "coef-none": (TypeError, "sequence of 3 floats", coef(None)),
         "backend-unknown": (ValueError, "backend must be one of", backend("nope")),
         "backend-not-str": (TypeError, "backend must be a string", backend(3)),
         "all-meta": (ValueError, "meta tensors .*no data",
@@ -480,7 +480,7 @@ def expect_rejected(args, kwargs, exc, match, op, backend):
     before = [t.clone() for t in args[:3]]
     with pytest.raises(exc, match=match):
         OPS[op](*args, **{"backend": backend, **kwargs})
-    for name, t, t0 in zip("xyz", args, before, strict=True):
+    for name, t, t0 in zip("xyz", args[:3], before, strict=True):
         if t.device.type != "meta" and t.layout == torch.strided:
             assert_bitwise_equal(t, t0, f"{name} after a rejected call")
 
@@ -580,16 +580,18 @@ OPCHECK_CASES = [  # shape, x dtype, z dtype, coef kind, inverse
 @parametrize_backends
 @pytest.mark.parametrize("case", range(len(OPCHECK_CASES)))
 def test_opcheck(device, backend, case):
-    """belm::lincomb3_ (in place) and belm::lincomb3 (out of place, with its backward: the
-    inputs require grad) running this backend's kernel, and the C++/CUDA op itself."""
+    """belm::lincomb_ (in place) and belm::lincomb (out of place, with its backward: the inputs
+    require grad) on the three-term update, running this backend's kernel, and the C++/CUDA op
+    itself."""
     shape, dtype, zdtype, coef_kind, inverse = OPCHECK_CASES[case]
     gen = torch.Generator().manual_seed(5)
     x, y = (rand(shape, dtype, device, gen) for _ in range(2))
     z = rand(shape, zdtype, device, gen)
     coef = make_coef(coef_kind, x, gen).to(compute_dtype(dtype)).contiguous()
-    torch.library.opcheck(torch.ops.belm.lincomb3_, (x, y, z, coef, inverse, backend))
+    torch.library.opcheck(torch.ops.belm.lincomb_, ([x], None, [y, z], coef, inverse, backend))
     grads = [t.clone().requires_grad_() for t in (x, y, z, coef)]
-    torch.library.opcheck(torch.ops.belm.lincomb3, (*grads, inverse, backend))
+    torch.library.opcheck(torch.ops.belm.lincomb,
+                          (grads[0], grads[1:3], grads[3], inverse, backend, None))
     if backend in ("cpu", "cuda"):
         torch.library.opcheck(torch.ops.belm.lincomb3_ext, (x, y, z, coef, inverse))
 
@@ -649,7 +651,8 @@ def test_torch_compile_keeps_the_overlap_check(device, backend):
     x, y = base[:1025], base[1024:]
     z = rand((1025,), torch.float32, device, gen)
     before = base.clone()
-    with _compile_caches_off(), pytest.raises(ValueError, match="x must not share memory with y"):
+    match = r"x must not share memory with terms\[0\]"  # y is lincomb_'s terms[0]
+    with _compile_caches_off(), pytest.raises(ValueError, match=match):
         _compiled_inverse(backend)(x, y, z, torch.tensor([2.0, 0.5, 0.25], device=device))
     assert_bitwise_equal(base, before, "x and y's storage")
 
