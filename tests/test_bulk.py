@@ -518,8 +518,9 @@ def test_unsupported_pipeline_fails_before_any_work(data, tmp_path, capsys):
                  *RUN]) == 2
     err = capsys.readouterr().err
     assert ("is a DDPMPipeline; the bulk commands support StableDiffusionPipeline, "
-            "StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline and their "
-            "subclasses") in err
+            "StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline, ChromaPipeline, "
+            "QwenImagePipeline, WanPipeline, HunyuanVideoPipeline, LTXPipeline, "
+            "CogVideoXPipeline and their subclasses") in err
     assert not out.exists()
     assert main(["invert-dataset", "--data", str(data), "--out", str(out), "--model",
                  str(tmp_path), *RUN]) == 2

@@ -120,8 +120,8 @@ CASES = {
     "ltx-video": Case("tiny_ltx_pipeline", {}, 32, 9,
                       dict(TEXT, negative_prompt="blurry", guidance_scale=3.0), "CFG 3.0"),
     "cogvideox": Case("tiny_cogvideox_pipeline", {}, 16, 9,
-                      dict(TEXT, negative_prompt="blurry", guidance_scale=6.0,
-                           max_sequence_length=16), "CFG 6.0"),
+                      dict(prompt="a photo of a cat", negative_prompt="blurry",
+                           guidance_scale=6.0), "CFG 6.0"),
 }
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from .items import BulkError, read_image_items, read_prompt_items
-from .jobs import DTYPES, TINY, GenerateJob, InvertJob, RegenerateJob, load_pipeline
+from .items import BulkError, read_items, read_prompt_items
+from .jobs import DTYPES, TINY, GenerateJob, InvertJob, RegenerateJob, load_pipeline, media_of
 from .ranks import Ranks
 from .runner import ITEMS_PER_SHARD, run_job
 
@@ -29,9 +29,9 @@ def _size(text: str) -> tuple[int, int]:
 
 def _save(text: str) -> list[str]:
     items = sorted({v.strip() for v in text.split(",") if v.strip()})
-    if not items or any(v not in ("images", "latents") for v in items):
-        raise argparse.ArgumentTypeError(f"expected images, latents or images,latents, got "
-                                         f"{text!r}")
+    if not items or any(v not in ("images", "videos", "latents") for v in items):
+        raise argparse.ArgumentTypeError(f"expected images (or videos), latents or both "
+                                         f"(images,latents), got {text!r}")
     return items
 
 
@@ -60,8 +60,9 @@ def _model_options(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--model", default="tiny",
                    help="a local diffusers pipeline folder (save_pretrained) of a class in "
                         "belm_kernels.diffusers.SUPPORTED_PIPELINES (the pipelines invert "
-                        f"supports), or {' / '.join(TINY)}: a tiny random SD (the default) / "
-                        "SDXL / SD3 / Flux pipeline built offline, for trying")
+                        "supports; not those conditioned on an image of their own), or "
+                        f"{' / '.join(TINY)}: a tiny random pipeline (SD, the default) built "
+                        "offline, for trying")
     p.add_argument("--steps", type=_positive, default=steps,
                    help=f"model steps N (default {steps})")
     p.add_argument("--guidance", type=float, default=7.5,
@@ -72,7 +73,10 @@ def _model_options(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                    help="the pipeline's dtype (default float32)")
     p.add_argument("--size", type=_size,
-                   help="image size, 512 or WxH (default: the pipeline's default size)")
+                   help="image or video size, 512 or WxH (default: the pipeline's default size)")
+    p.add_argument("--frames", type=_positive,
+                   help="video pipelines: frames per video, k * (the VAE's temporal "
+                        "compression) + 1 (default: the pipeline's)")
 
 
 def _execute(args, make_job) -> int:
@@ -95,10 +99,10 @@ def _execute(args, make_job) -> int:
 
 def invert_dataset(args) -> int:
     def make(ranks):
-        items = read_image_items(args.data, args.negative_prompt)
         pipe, model = load_pipeline(args.model, DTYPES[args.dtype], ranks.device)
+        items = read_items(args.data, media_of(pipe), args.negative_prompt, type(pipe).__name__)
         return InvertJob(pipe, model, items, args.steps, args.guidance, args.dtype, args.size,
-                         args.resize, args.method)
+                         args.resize, args.method, args.frames)
     return _execute(args, make)
 
 
@@ -113,24 +117,28 @@ def generate_dataset(args) -> int:
         items = read_prompt_items(args.prompts, args.negative_prompt)
         pipe, model = load_pipeline(args.model, DTYPES[args.dtype], ranks.device)
         return GenerateJob(pipe, model, items, args.steps, args.guidance, args.dtype, args.size,
-                           args.seed, args.save)
+                           args.seed, args.save, args.frames)
     return _execute(args, make)
 
 
 def add_commands(sub) -> None:
     """Register invert-dataset, regenerate-dataset and generate-dataset on the CLI."""
-    p = sub.add_parser("invert-dataset", help="invert a folder / manifest of images exactly "
-                       "(O-BELM) into latent pairs; one process or torchrun",
-                       description="Invert images exactly with O-BELM and store the latent pairs "
+    p = sub.add_parser("invert-dataset", help="invert a folder / manifest of images or videos "
+                       "exactly (O-BELM) into latent pairs; one process or torchrun",
+                       description="Invert images or videos (for a video pipeline) exactly with "
+                       "O-BELM and store the latent pairs "
                        "(and the float64 states that make regeneration bit-exact) in sharded "
                        "safetensors files. Resumable; runs as one process or under torchrun.")
     p.add_argument("--data", type=Path, required=True,
-                   help="a folder of images with a <stem>.txt prompt beside each, or a manifest "
-                        ".jsonl / .csv with image, prompt and optional id, negative_prompt")
+                   help="a folder of images (video pipelines: of videos -- folders of frames "
+                        "or video files, read by PyAV --) with a <stem>.txt prompt beside each, "
+                        "or a manifest .jsonl / .csv with image (or video), prompt and optional "
+                        "id, negative_prompt")
     _common(p, "output folder of the pairs (resumed if it holds a run of the same config)")
     _model_options(p, steps=50)
     p.add_argument("--resize", action="store_true",
-                   help="resize images of another size to --size (default: such an item fails)")
+                   help="resize images and videos of another size to --size (default: such an "
+                        "item fails; a video of another frame count always does)")
     p.add_argument("--method", choices=("obelm",), default="obelm",
                    help="inversion method: obelm, the exact O-BELM inversion (the default and "
                         "the only one)")
@@ -142,27 +150,31 @@ def add_commands(sub) -> None:
                        "stored prompts: the inverted latents come back bit for bit), or edit it "
                        "with a new prompt. Sharded and resumable like invert-dataset.")
     p.add_argument("--pairs", type=Path, required=True, help="an output folder of invert-dataset")
-    _common(p, "output folder (latents in shard files, images in images/)")
+    _common(p, "output folder (latents in shard files, images in images/, videos as frame "
+               "folders in videos/)")
     edit = p.add_mutually_exclusive_group()
     edit.add_argument("--prompt", help="one new prompt for every item (an edit)")
     edit.add_argument("--prompts", type=Path,
                       help="a .jsonl / .csv manifest of id, prompt: edit those items")
-    p.add_argument("--save", type=_save, default=["images", "latents"],
-                   help="what to write: images, latents or both (default images,latents)")
+    p.add_argument("--save", type=_save,
+                   help="what to write: images (videos, for a video pipeline), latents or both "
+                        "(default both)")
     p.set_defaults(func=regenerate_dataset)
 
-    p = sub.add_parser("generate-dataset", help="generate images from a prompt list with "
-                       "O-BELM, seeded per item", description="Generate an image per prompt "
+    p = sub.add_parser("generate-dataset", help="generate images or videos from a prompt list "
+                       "with O-BELM, seeded per item", description="Generate an image (or a "
+                       "video) per prompt "
                        "with O-BELM sampling, seeded per item id (reruns give the same images). "
                        "Sharded and resumable like invert-dataset.")
     p.add_argument("--prompts", type=Path, required=True,
                    help="a .txt file (one prompt per line) or a .jsonl / .csv manifest with "
                         "prompt and optional id, negative_prompt, seed")
-    _common(p, "output folder (images/<id>.png with a <id>.txt prompt each, so it can be "
-               "inverted; latents in shard files)")
+    _common(p, "output folder (images/<id>.png, or videos/<id>/ of PNG frames, with a <id>.txt "
+               "prompt each, so it can be inverted; latents in shard files)")
     _model_options(p, steps=30)
     p.add_argument("--seed", type=int, default=0,
                    help="base seed; each item's seed derives from it and the item id (default 0)")
-    p.add_argument("--save", type=_save, default=["images"],
-                   help="what to write: images, latents or both (default images)")
+    p.add_argument("--save", type=_save,
+                   help="what to write: images (videos, for a video pipeline), latents or both "
+                        "(default images / videos)")
     p.set_defaults(func=generate_dataset)

@@ -1,6 +1,7 @@
-"""Items and where they come from: ids, shards of ids, manifests, folders of images and prompt
-lists. Problems with the job as a whole (a malformed manifest, duplicated ids) raise
-:class:`BulkError`, before anything is written."""
+"""Items and where they come from: ids, shards of ids, manifests, folders of images or videos
+(frame folders and video files) and prompt lists. Problems with the job as a whole (a malformed
+manifest, duplicated ids, images for a video pipeline) raise :class:`BulkError`, before anything
+is written."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 
 
 class BulkError(Exception):
     """A problem with the job as a whole: reported before anything is written (exit code 2)."""
-
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class Item:
     image: Path | None = None
     seed: int | None = None
     origin: str = ""  # where it was read, for messages
+    video: Path | None = None  # a video file or a folder of frames
 
 
 def shard_of(item_id: str, num_shards: int) -> int:
@@ -91,30 +93,57 @@ def _manifest_rows(path: Path) -> list[tuple[str, int, dict]]:
     return rows
 
 
-def read_image_items(data: Path, negative_prompt: str | None = None) -> list[Item]:
-    """Images to invert: a folder of images with a sidecar ``<stem>.txt`` prompt each (id: the
-    stem), or a manifest (.jsonl / .csv) with ``image`` (relative to the manifest), ``prompt`` and
-    optional ``id`` (default: the image's stem) and ``negative_prompt``."""
+def _is_video(path: Path) -> bool:
+    """A video file, or a folder (of frames)."""
+    return path.is_dir() or path.suffix.lower() in VIDEO_SUFFIXES
+
+
+def _sidecar_prompt(path: Path) -> str | None:
+    """The prompt in ``<stem>.txt`` beside an image, a video file or a frame folder."""
+    txt = path.parent / f"{path.stem if path.is_file() else path.name}.txt"
+    return _text(txt.read_text(encoding="utf-8")) if txt.is_file() else None
+
+
+def read_items(data: Path, media: str = "image", negative_prompt: str | None = None,
+               pipeline: str = "the pipeline") -> list[Item]:
+    """The images (``media="image"``) or videos (``"video"``) to invert: a folder of them with
+    a sidecar ``<stem>.txt`` prompt each (id: the stem; a video is a file of ``VIDEO_SUFFIXES`` or
+    a folder of frames, which a ``<folder>.txt`` describes), or a manifest (.jsonl / .csv) with
+    ``image`` / ``video`` (relative to the manifest), ``prompt`` and optional ``id`` (default: the
+    stem) and ``negative_prompt``. Data of the other kind than ``pipeline`` makes is refused."""
+    other = "video" if media == "image" else "image"
     items = []
     if data.is_dir():
-        for path in sorted(data.iterdir()):
-            if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
-                txt = path.with_suffix(".txt")
-                prompt = _text(txt.read_text(encoding="utf-8")) if txt.is_file() else None
-                items.append(Item(_check_id(path.stem, str(path)), prompt, negative_prompt, path,
-                                  origin=str(path)))
+        entries = [p for p in sorted(data.iterdir()) if not p.name.startswith(".")]
+        found = {"image": [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES],
+                 "video": [p for p in entries if _is_video(p)]}
+        for path in found[media]:
+            items.append(Item(_check_id(path.stem if path.is_file() else path.name, str(path)),
+                              _sidecar_prompt(path), negative_prompt,
+                              origin=str(path), **{media: path}))
         if not items:
-            raise BulkError(f"{data}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            kinds = (", ".join(IMAGE_SUFFIXES) if media == "image" else
+                     f"folders of frames, or files {', '.join(VIDEO_SUFFIXES)}")
+            holds = (f"; it holds {other}s, but {pipeline} makes {media}s" if found[other]
+                     else "")
+            raise BulkError(f"{data}: no {media}s ({kinds}) in this folder{holds}")
     else:
         for origin, _, row in _manifest_rows(data):
-            if "image" not in row:
-                raise BulkError(f"{origin}: no 'image' field (expected id, image, prompt)")
-            image = data.parent / str(row["image"])
-            item_id = _check_id(str(row.get("id", image.stem)), origin)
+            if media not in row:
+                makes = (f": {pipeline} makes {media}s, not {other}s" if other in row else "")
+                raise BulkError(f"{origin}: no '{media}' field (expected id, {media}, "
+                                f"prompt){makes}")
+            path = data.parent / str(row[media])
+            item_id = _check_id(str(row.get("id", path.stem)), origin)
             items.append(Item(item_id, _text(row.get("prompt")),
-                              _text(row.get("negative_prompt", negative_prompt)), image,
-                              origin=origin))
+                              _text(row.get("negative_prompt", negative_prompt)),
+                              origin=origin, **{media: path}))
     return _check_unique(items, data)
+
+
+def read_image_items(data: Path, negative_prompt: str | None = None) -> list[Item]:
+    """Images to invert (see :func:`read_items`)."""
+    return read_items(data, "image", negative_prompt)
 
 
 def read_prompt_items(path: Path, negative_prompt: str | None = None) -> list[Item]:

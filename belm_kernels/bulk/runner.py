@@ -206,8 +206,10 @@ def run_job(job: Job, out: Path, ranks: Ranks, num_shards: int | None = None,
     done, failures, written = 0, [], 0
     exit_after = _exit_hook(ranks.rank)
     start = time.perf_counter()
-    bar = tqdm(total=n_mine, position=ranks.rank, desc=f"{job.command} [rank {ranks.rank}]",
-               unit="item", disable=not progress, dynamic_ncols=True)
+    # one bar per rank, counting items, or the frames of the videos
+    bar = tqdm(total=n_mine * job.per_item, position=ranks.rank,
+               desc=f"{job.command} [rank {ranks.rank}]", unit=job.unit, disable=not progress,
+               dynamic_ncols=True)
 
     def report(shard, item_id, error):
         failures.append({"id": item_id, "shard": shard, "error": error})
@@ -231,7 +233,7 @@ def run_job(job: Job, out: Path, ranks: Ranks, num_shards: int | None = None,
             except Exception as exc:  # reported; the other items go on
                 report(shard, item.id, str(exc) if isinstance(exc, ValueError)  # ours: readable
                        else f"{type(exc).__name__}: {exc}")
-                bar.update()
+                bar.update(job.per_item)
                 continue
             for name in [k for k in tensors if k.startswith(f"{item.id}/")]:
                 del tensors[name]  # an outdated result of this id
@@ -242,7 +244,7 @@ def run_job(job: Job, out: Path, ranks: Ranks, num_shards: int | None = None,
                              for rel, data in sorted(files.items())}}
             records[item.id] = {**rec, "sha256": record_sha256(rec)}
             new.append(item.id)
-            bar.update()
+            bar.update(job.per_item)
         if not new:  # (an unreadable old file stays until there is something to replace it)
             continue
         meta = {"config": job.config, "shard": shard, "num_shards": job.num_shards,

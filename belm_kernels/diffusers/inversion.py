@@ -502,7 +502,7 @@ def _video_pixels(pipe, family, video, sizes) -> tuple[torch.Tensor, dict]:
     return pixels, sizes
 
 
-def _default_sizes(pipe, family, params) -> dict:
+def _default_sizes(pipe, params) -> dict:
     """The size arguments a call without them uses, for packed latents: the pipeline's default
     sample size, or its __call__ defaults."""
     sizes = {}
@@ -723,7 +723,7 @@ def invert(pipe, image=None, latents: torch.Tensor | None = None, prompt=None,
     else:
         check_float_tensor(latents, "latents")
         if family.packed:
-            sizes = {**_default_sizes(pipe, family, params), **sizes}
+            sizes = {**_default_sizes(pipe, params), **sizes}
         elif family.media == "video" and latents.dim() == 5:
             derived = _unpacked_video_sizes(pipe, latents)
             clash = {k: (v, derived[k]) for k, v in sizes.items() if derived[k] != v}

@@ -134,7 +134,9 @@ class VPScheduleMixin(BELMSchedulerMixin, ConfigMixin):
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers] + [
         "DDIMInverseScheduler", "CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"]
-    _grid_kind = "variance-preserving (DDPM/DDIM noise schedule: SD 1.x/2.x, SDXL, CogVideoX)"
+    # (the text is part of the grid records stored by the bulk jobs: changing it would make
+    # their folders look like another grid)
+    _grid_kind = "variance-preserving (DDPM/DDIM noise schedule: SD 1.x/2.x, SDXL)"
 
     @register_to_config
     def __init__(

@@ -96,6 +96,8 @@ class FlowScheduleMixin(BELMSchedulerMixin, ConfigMixin):
     and ``scale_noise``."""
 
     _compatibles = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"]
+    # (the text is part of the grid records stored by the bulk jobs: changing it would make
+    # their folders look like another grid)
     _grid_kind = "rectified-flow (flow matching: SD3, Flux)"
     _timestep_dtype = torch.float32
 

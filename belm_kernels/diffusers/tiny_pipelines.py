@@ -581,11 +581,14 @@ def tiny_ltx_pipeline(seed: int = 0, *, scheduler=None, dtype: torch.dtype = tor
             attention_head_dim=8, cross_attention_dim=32, num_layers=1,
             caption_channels=_T5_WIDTH)
         torch.manual_seed(seed + 1)
+        # 4x spatial and temporal compression, the decoder mirroring the encoder
         vae = AutoencoderKLLTXVideo(
             latent_channels=8, block_out_channels=(8, 8, 8, 8),
             spatio_temporal_scaling=(True, True, False, False),
-            layers_per_block=(1, 1, 1, 1, 1), patch_size=1, patch_size_t=1,
-            encoder_causal=True, decoder_causal=False)
+            layers_per_block=(1, 1, 1, 1, 1), decoder_block_out_channels=(8, 8, 8),
+            decoder_spatio_temporal_scaling=(False, True, True),
+            decoder_layers_per_block=(1, 1, 1, 1), decoder_inject_noise=(False,) * 4,
+            patch_size=1, patch_size_t=1, encoder_causal=True, decoder_causal=False)
         vae.use_framewise_encoding = vae.use_framewise_decoding = False
         torch.manual_seed(seed + 2)
         text_encoder = _t5_encoder(t5_tokenizer)
@@ -623,7 +626,7 @@ def tiny_cogvideox_pipeline(seed: int = 0, *, scheduler=None, dtype: torch.dtype
             num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4,
             time_embed_dim=2, text_embed_dim=_T5_WIDTH, num_layers=1, sample_width=2,
             sample_height=2, sample_frames=9, patch_size=2, temporal_compression_ratio=4,
-            max_text_seq_length=16)
+            max_text_seq_length=226)  # the pipeline's max_sequence_length
         torch.manual_seed(seed + 1)
         vae = AutoencoderKLCogVideoX(
             in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
