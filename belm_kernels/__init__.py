@@ -35,7 +35,13 @@ _LAZY = {"BELMScheduler": "diffusers", "BELMInverseScheduler": "diffusers",
          "sample_obelm": "k_diffusion", "invert_obelm": "k_diffusion"}
 
 
+#: Submodules that load on first access too: ``bk.diffusers.fuse(...)``, ``bk.multistep``.
+_LAZY_MODULES = ("diffusers", "k_diffusion", "multistep", "roundoff")
+
+
 def __getattr__(name):
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,6 @@
-"""O-BELM in diffusers: drop-in schedulers, and exact invert -> regenerate through pipelines.
+"""O-BELM in diffusers: drop-in schedulers, and exact invert -> regenerate through pipelines; and
+``fuse(scheduler)``, which makes diffusers' own schedulers (DDIM, DPM-Solver++, UniPC, Euler,
+Euler ancestral, LCM, flow Euler) step with one fused op (``fused.py``).
 
 ``BELMScheduler`` is a diffusers scheduler that samples with O-BELM, the second-order
 exact-inversion sampler (DESIGN.md section 2): a DDIM step, then one fused
@@ -49,9 +51,10 @@ float32 inputs and the latents come back bit for bit. The config key ``state_dty
 for every run (e.g. float32 states for a float16 pipeline). Rectified flow needs this even more:
 its inversion multiplies perturbations by (h_next / h)^2 per step.
 
-Layout, as in diffusers: ``scheduling_belm.py`` (``BELMScheduler`` and the VP schedule config),
-``scheduling_belm_inverse.py``, ``scheduling_flow_match_belm.py`` (``FlowMatchBELMScheduler`` and
-the flow schedule config), ``scheduling_flow_match_belm_inverse.py``, ``scheduling_utils.py``
+Layout, as in diffusers: ``fused.py`` (``fuse`` and the fused schedulers), ``scheduling_belm.py``
+(``BELMScheduler`` and the VP schedule config), ``scheduling_belm_inverse.py``,
+``scheduling_flow_match_belm.py`` (``FlowMatchBELMScheduler`` and the flow schedule config),
+``scheduling_flow_match_belm_inverse.py``, ``scheduling_utils.py``
 (what every BELM scheduler shares: the two-step state, its checks, :class:`LatentPair`),
 ``inversion.py`` (:func:`invert`, :func:`regenerate`, what differs per pipeline family),
 ``model_calls.py`` (the model call of the SD, SDXL, SD3 and Flux loops as a function, for code
@@ -59,6 +62,7 @@ outside the loop) and ``tiny_pipelines.py`` (tiny random pipelines of every supp
 built offline, for trying the package without weights).
 """
 
+from .fused import FUSED_SCHEDULERS, UnsupportedOptionError, fuse
 from .inversion import (
     SUPPORTED_PIPELINES,
     image_latents,
@@ -90,7 +94,8 @@ from .tiny_pipelines import (
     tiny_wan_pipeline,
 )
 
-__all__ = ["BELMScheduler", "BELMInverseScheduler", "FlowMatchBELMScheduler",
+__all__ = ["fuse", "FUSED_SCHEDULERS", "UnsupportedOptionError",
+           "BELMScheduler", "BELMInverseScheduler", "FlowMatchBELMScheduler",
            "FlowMatchBELMInverseScheduler", "LatentPair", "SUPPORTED_PIPELINES", "image_latents",
            "invert", "regenerate", "video_latents", "tiny_chroma_pipeline",
            "tiny_cogvideox_pipeline", "tiny_flux_kontext_pipeline", "tiny_flux_pipeline",
