@@ -16,7 +16,8 @@ latents into the image, differentiably, as the pipeline decodes them::
     loss = reward(decode(pipe, latents))
     loss.backward()                       # noise.grad, embeds' graph, LoRA .grad
 
-The model call is built by ``inversion.py``'s family functions, with every tensor argument that
+The model call is built by ``model_calls.py`` (the pipeline's own guided model call), with every
+tensor argument that
 requires grad replaced by a leaf stand-in (``t.detach().requires_grad_()``) whose gradient is
 handed to the caller's tensor, so that a non-leaf's graph runs once, after the chain. Prompts
 given as text are encoded as constants, as the pipeline encodes them (no gradient to the text
@@ -31,7 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -40,7 +42,8 @@ from ..reversible import GradHook, run_reversible
 from ..reversible import sample_autograd as _core_sample_autograd
 from ..samplers import get_sampler
 from ..schedule import FlowSchedule, Schedule
-from .inversion import _call_default, _family, _flux_latent_size, _keywords, _prompt_batch
+from .inversion import _family
+from .model_calls import MODEL_CALLS, _flux_latent_size, builder, model_call, prompt_batch
 from .scheduling_flow_match_belm import FlowMatchBELMScheduler, _timesteps_f32
 from .scheduling_utils import check_float_tensor
 
@@ -107,11 +110,26 @@ def _as_eps(pipe, sampler, model):
     return eps
 
 
+def _keywords(fn: Callable) -> set[str]:
+    """The keyword-only arguments of a model-call builder or a family's steps function: the
+    pipeline's own argument names."""
+    return {name for name, p in inspect.signature(fn).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def _supported_family(pipe):
+    family = _family(pipe)
+    if family.pipeline not in MODEL_CALLS:
+        raise TypeError(f"sample_reversible() does not support {type(pipe).__name__}; it "
+                        f"supports {', '.join(MODEL_CALLS)} (and their subclasses)")
+    return family
+
+
 def _build(pipe, latents, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds,
            num_inference_steps, guidance_scale, height, width, method, backend, stand_ins,
            pipeline_kwargs) -> _Chain:
-    family = _family(pipe)
-    conditioning, steps = _keywords(family.conditioning), _keywords(family.steps)
+    family = _supported_family(pipe)
+    conditioning, steps = _keywords(builder(pipe)), _keywords(family.steps)
     unknown = sorted(set(pipeline_kwargs) - conditioning - steps)
     if unknown:
         raise TypeError(f"got arguments that {family.pipeline} does not take: {unknown} (it "
@@ -120,10 +138,8 @@ def _build(pipe, latents, prompt, prompt_embeds, negative_prompt, negative_promp
     check_float_tensor(x_T, "latents")
     if x_T2 is not None:
         check_float_tensor(x_T2, "latents[1]")
-    if guidance_scale is None:
-        guidance_scale = _call_default(pipe, "guidance_scale")
     device = pipe._execution_device
-    batch = _prompt_batch(prompt, prompt_embeds)
+    batch = prompt_batch(prompt, prompt_embeds)
     if x_T.shape[0] % batch:
         raise ValueError(f"the latents' batch {x_T.shape[0]} is not a multiple of the prompt "
                          f"batch {batch}")
@@ -137,8 +153,7 @@ def _build(pipe, latents, prompt, prompt_embeds, negative_prompt, negative_promp
                 kwargs[key] = value.detach().requires_grad_()
                 sources[id(kwargs[key])] = value
     with torch.enable_grad(), _frozen(_text_encoders(pipe)):
-        model, cast = family.conditioning(pipe, x_T.detach().to(device), x_T.shape[0] // batch,
-                                          guidance_scale, height, width, **kwargs)
+        model, cast = model_call(pipe, x_T.detach(), guidance_scale, height, width, **kwargs)
     sampler, scheduler = _sampler(pipe, family, cast, method, num_inference_steps,
                                   {k: v for k, v in pipeline_kwargs.items() if k in steps},
                                   device)
@@ -235,7 +250,7 @@ def decode(pipe, latents: torch.Tensor, height: int | None = None,
     ``output_type="pt"``), differentiably: the VAE config's scaling / shift (SDXL's latents
     mean and std), Flux's unpacking (``height`` / ``width`` as given to the pipeline), the VAE
     decoder, and ``image_processor``'s denormalisation (x / 2 + 0.5, clamped)."""
-    family = _family(pipe)
+    family = _supported_family(pipe)
     check_float_tensor(latents, "latents")
     vae = pipe.vae
     cfg = vae.config
