@@ -13,6 +13,7 @@ from .ops import (
     lincomb_,
     lincomb_inverse_,
 )
+from .reversible import sample_reversible
 from .samplers import FLOW_SAMPLERS, SAMPLERS, Sampler, get_sampler
 from .schedule import FlowSchedule, Schedule, calculate_shift
 
@@ -22,7 +23,7 @@ __all__ = [
     "lincomb_inverse_", "lincomb",
     "BELMScheduler", "BELMInverseScheduler", "sample_obelm", "invert_obelm",
     "FLOW_SAMPLERS", "FlowSchedule", "calculate_shift", "BatchedStepper", "GraphCaptureError",
-    "FlowMatchBELMScheduler", "FlowMatchBELMInverseScheduler",
+    "FlowMatchBELMScheduler", "FlowMatchBELMInverseScheduler", "sample_reversible",
 ]
 __version__ = "0.1.0"
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU proof in one command, on a bare NVIDIA machine with torch, triton and nvcc installed:
-# builds the CUDA extension, runs the whole test suite on the GPU, runs the op, scheduler and
-# fused-scheduler benchmarks, and writes every log and result to OUT_DIR.
+# builds the CUDA extension, runs the whole test suite on the GPU, runs the op, scheduler,
+# fused-scheduler, batched and reversible-gradient benchmarks, and writes every log and result to
+# OUT_DIR.
 #
 #   bash bench/run_gpu.sh OUT_DIR
 #
@@ -45,6 +46,8 @@ else
         | tee "$out/bench_scheduler.log"
 fi
 step bench_batched python bench/bench_batched.py --device cuda --out-dir "$out" \
+    $(python -c "import diffusers" 2>/dev/null || echo --no-unet)
+step bench_reversible python bench/bench_reversible.py --device cuda --out-dir "$out" \
     $(python -c "import diffusers" 2>/dev/null || echo --no-unet)
 step demo python -m belm_kernels.cli demo --device cuda
 
