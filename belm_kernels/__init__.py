@@ -13,6 +13,7 @@ from .ops import (
     lincomb_,
     lincomb_inverse_,
 )
+from .reversible import sample_reversible
 from .samplers import FLOW_SAMPLERS, SAMPLERS, Sampler, get_sampler
 from .schedule import FlowSchedule, Schedule, calculate_shift
 
@@ -22,7 +23,7 @@ __all__ = [
     "lincomb_inverse_", "lincomb",
     "BELMScheduler", "BELMInverseScheduler", "sample_obelm", "invert_obelm",
     "FLOW_SAMPLERS", "FlowSchedule", "calculate_shift", "BatchedStepper", "GraphCaptureError",
-    "FlowMatchBELMScheduler", "FlowMatchBELMInverseScheduler",
+    "FlowMatchBELMScheduler", "FlowMatchBELMInverseScheduler", "sample_reversible",
 ]
 __version__ = "0.1.0"
 
@@ -35,7 +36,13 @@ _LAZY = {"BELMScheduler": "diffusers", "BELMInverseScheduler": "diffusers",
          "sample_obelm": "k_diffusion", "invert_obelm": "k_diffusion"}
 
 
+#: Submodules that load on first access too: ``bk.diffusers.fuse(...)``, ``bk.multistep``.
+_LAZY_MODULES = ("diffusers", "k_diffusion", "multistep", "roundoff")
+
+
 def __getattr__(name):
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

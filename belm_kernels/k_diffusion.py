@@ -1,4 +1,23 @@
-"""k-diffusion-style O-BELM sampler and its exact inversion (usable as a ComfyUI sampler function).
+"""k-diffusion-style samplers: O-BELM and its exact inversion, and fused versions of k-diffusion's
+own ``sample_euler``, ``sample_euler_ancestral`` and ``sample_dpmpp_2m`` (usable as ComfyUI sampler
+functions).
+
+The fused samplers take k-diffusion's arguments, call the model as it does and return what it
+returns (to float32 rounding: ``tests/test_k_diffusion_samplers.py`` compares them with the
+``k-diffusion`` package within the error model of :mod:`belm_kernels.roundoff`), but each step is
+one :func:`belm_kernels.lincomb` with float64 coefficients from :mod:`belm_kernels.multistep`,
+computed once from the sigmas, instead of k-diffusion's chain of tensor operations::
+
+    from belm_kernels.k_diffusion import sample_dpmpp_2m
+    x0 = sample_dpmpp_2m(denoiser, torch.randn(shape) * sigmas[0], sigmas)
+    sampler = comfy.samplers.KSAMPLER(sample_dpmpp_2m)      # in ComfyUI
+
+Differences, all outside the result: ``sample_euler`` draws no noise when it does not use it
+(k-diffusion 0.1.1 draws ``torch.randn_like(x)`` at every step and discards it without churn, so
+the global generator is left elsewhere); churn (``s_churn > 0``) is not implemented and refused;
+``sample_dpmpp_2m`` keeps the previous denoiser output by reference, as k-diffusion does.
+
+O-BELM (``sample_obelm``, ``invert_obelm``):
 
 k-diffusion works in the variance-exploding (VE) parametrisation: the state is
 ``x = x0 + sigma * noise`` and the model is a denoiser, ``denoised = model(x, sigma * s_in,
@@ -40,11 +59,13 @@ from typing import Any
 import torch
 from tqdm.auto import trange
 
-from . import coefficients
-from .ops import FLOAT_DTYPES, check_like, coef_table, lincomb3_, lincomb3_inverse_
+from . import coefficients, multistep
+from .multistep import FLOAT64, MODEL_OUTPUT, NOISE, SAMPLE
+from .ops import FLOAT_DTYPES, check_like, coef_table, lincomb, lincomb3_, lincomb3_inverse_
 from .schedule import StateGrid
 
-__all__ = ["sample_obelm", "invert_obelm", "obelm_rows"]
+__all__ = ["sample_obelm", "invert_obelm", "obelm_rows", "sample_euler",
+           "sample_euler_ancestral", "sample_dpmpp_2m"]
 
 Denoiser = Callable[..., torch.Tensor]
 
@@ -230,3 +251,133 @@ def invert_obelm(model: Denoiser, x0: torch.Tensor, sigmas, extra_args: dict | N
             lincomb3_inverse_(prev, cur, denoised, coef[j], backend=backend)
         prev, cur = cur, prev
     return cur, prev
+
+
+# --------------------------------------------------------------------------------------------
+# k-diffusion's samplers, fused.
+
+
+def _k_sigmas(sigmas: Any) -> tuple[torch.Tensor, list[float]]:
+    """``(sigmas as a tensor, their float64 values on the host)``, checked: 1-D, finite, at least
+    one entry, every noise level the model sees (all but the last) > 0, the last >= 0. One device
+    sync, here."""
+    if isinstance(sigmas, torch.Tensor):
+        src = sigmas.detach()
+    else:
+        try:
+            src = torch.as_tensor(sigmas, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError("sigmas must be a 1-D tensor (or sequence) of noise levels, got "
+                            f"{type(sigmas).__name__}") from None
+    if not src.is_floating_point():
+        raise TypeError(f"sigmas must be a float tensor, got dtype {src.dtype}")
+    if src.dim() != 1 or len(src) < 1:
+        raise ValueError(f"sigmas must be 1-D with at least one entry, got shape "
+                         f"{tuple(src.shape)}")
+    host = src.to("cpu", torch.float64)
+    if not bool(torch.isfinite(host).all()):
+        raise ValueError(f"sigmas must be finite, got {host.tolist()}")
+    if not (bool((host[:-1] > 0).all()) and float(host[-1]) >= 0):
+        raise ValueError(f"sigmas must be > 0 (the last may be 0), got {host.tolist()}")
+    return src, host.tolist()
+
+
+def _k_run(model: Denoiser, x: torch.Tensor, sigmas, steps: list[dict], extra_args, callback,
+           disable, backend: str, noise_sampler=None, sigma_dtype: bool = False) -> torch.Tensor:
+    """The loop of k-diffusion's samplers, each step one fused op of ``steps`` (outputs of the
+    :mod:`belm_kernels.multistep` builders): ``x`` is the sample, the denoiser's output the model
+    output, ``model_output[-1]`` the previous step's. The new x has the dtype k-diffusion gives it:
+    x's and the denoiser's promoted, and the sigmas' too with ``sigma_dtype`` (its ``to_d``
+    divides by a sigma tensor of x's rank)."""
+    if not steps:
+        return x  # one sigma: no step (k-diffusion returns its x too)
+    with multistep.ieee():
+        table = multistep.tabulate(steps)
+    flat = coef_table(torch.cat([s.coef.reshape(-1) for s in table]), x)
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    offset, old_denoised = 0, None
+    for i in trange(len(table), disable=disable):
+        step = table[i]
+        coef = flat[offset:offset + step.coef.numel()].view(step.coef.shape)
+        offset += step.coef.numel()
+        sigma = sigmas[i]
+        denoised = _check_denoised(model(x, sigma * s_in, **extra_args), x, float(sigma))
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+        tensors = {SAMPLE: x, MODEL_OUTPUT: denoised, multistep.lag(MODEL_OUTPUT, 1): old_denoised}
+        if step.noise:
+            tensors[NOISE] = noise_sampler(sigmas[i], sigmas[i + 1])
+        dtype = torch.promote_types(x.dtype, denoised.dtype)
+        if sigma_dtype:
+            dtype = torch.promote_types(dtype, sigmas.dtype)
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
+        lincomb(x, [tensors[r] for r in step.inputs[1:]], coef, out=[out], backend=backend)
+        x, old_denoised = out, denoised
+    return x
+
+
+@torch.no_grad()
+def sample_euler(model: Denoiser, x: torch.Tensor, sigmas, extra_args: dict | None = None,
+                 callback: Callable[[dict], Any] | None = None, disable: bool | None = None,
+                 s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
+                 s_noise: float = 1.0, *, backend: str = "auto") -> torch.Tensor:
+    """``k_diffusion.sampling.sample_euler`` (Karras et al. 2022, Algorithm 2), each step one fused
+    op: ``x + (x - denoised) / sigma * (sigma_next - sigma)``.
+
+    Arguments as k-diffusion's: ``model(x, sigma * s_in, **extra_args)`` returns the denoised x0;
+    ``x`` the noisy sample at ``sigmas[0]`` (not modified); ``sigmas`` the noise levels, any device
+    and dtype (the model gets them as given; the coefficients are computed from their values in
+    float64); ``callback`` gets k-diffusion's dict each step; ``disable`` the progress bar.
+    ``s_churn`` must be 0 (``s_tmin``, ``s_tmax``, ``s_noise`` only act with churn); ``backend``
+    of the fused op.
+    """
+    _check_x(x, "x")
+    if s_churn:
+        raise ValueError(f"s_churn={s_churn!r}: the stochastic churn of sample_euler is not "
+                         "implemented by the fused sampler; use k_diffusion.sampling.sample_euler")
+    src, sig = _k_sigmas(sigmas)
+    with multistep.ieee():
+        steps = [multistep.k_euler(FLOAT64, FLOAT64.num(sig[i]), FLOAT64.num(sig[i + 1]))
+                 for i in range(len(sig) - 1)]
+    return _k_run(model, x, src, steps, extra_args, callback, disable, backend, sigma_dtype=True)
+
+
+@torch.no_grad()
+def sample_euler_ancestral(model: Denoiser, x: torch.Tensor, sigmas,
+                           extra_args: dict | None = None,
+                           callback: Callable[[dict], Any] | None = None,
+                           disable: bool | None = None, eta: float = 1.0, s_noise: float = 1.0,
+                           noise_sampler: Callable | None = None, *,
+                           backend: str = "auto") -> torch.Tensor:
+    """``k_diffusion.sampling.sample_euler_ancestral``, each step one fused op: the Euler step to
+    ``sigma_down`` plus ``s_noise * sigma_up`` times noise.
+
+    The noise is ``noise_sampler(sigmas[i], sigmas[i + 1])`` (default: ``torch.randn_like`` of the
+    initial x, from the global generator), drawn when ``sigmas[i + 1] > 0`` as k-diffusion draws
+    it, so seeded runs get k-diffusion's noise. Other arguments as :func:`sample_euler`.
+    """
+    _check_x(x, "x")
+    src, sig = _k_sigmas(sigmas)
+    if noise_sampler is None:
+        first = x
+        noise_sampler = lambda sigma, sigma_next: torch.randn_like(first)  # noqa: E731
+    with multistep.ieee():
+        steps = [multistep.k_euler_ancestral(FLOAT64, FLOAT64.num(sig[i]), FLOAT64.num(sig[i + 1]),
+                                             eta=eta, s_noise=s_noise)
+                 for i in range(len(sig) - 1)]
+    return _k_run(model, x, src, steps, extra_args, callback, disable, backend, noise_sampler,
+                  sigma_dtype=True)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model: Denoiser, x: torch.Tensor, sigmas, extra_args: dict | None = None,
+                    callback: Callable[[dict], Any] | None = None, disable: bool | None = None,
+                    *, backend: str = "auto") -> torch.Tensor:
+    """``k_diffusion.sampling.sample_dpmpp_2m`` (DPM-Solver++(2M)), each step one fused op of
+    the sample, the denoiser output and the previous step's. Arguments as :func:`sample_euler`."""
+    _check_x(x, "x")
+    src, sig = _k_sigmas(sigmas)
+    with multistep.ieee():
+        steps = multistep.k_dpmpp_2m(FLOAT64, sig)
+    return _k_run(model, x, src, steps, extra_args, callback, disable, backend)

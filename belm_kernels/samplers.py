@@ -56,12 +56,31 @@ def _check_pair(x_T: torch.Tensor, x_T2: torch.Tensor | None) -> None:
     check_like(x_T2, x_T, "x_T2", "x_T")
 
 
+def _custom_timesteps(timesteps, num_steps: int | None, schedule: Schedule) -> torch.Tensor:
+    """Given VP timesteps as a LongTensor, checked: 1-D integers, strictly decreasing, in range,
+    at least two (a clean state follows them), as many as num_steps when it is given too."""
+    ts = torch.as_tensor(timesteps).detach().cpu()
+    if ts.dim() != 1 or ts.is_floating_point() or ts.is_complex() or ts.dtype == torch.bool:
+        raise ValueError(f"timesteps must be a 1-D sequence of integers, got {timesteps!r}")
+    ts = ts.to(torch.long)
+    if num_steps is not None and num_steps != len(ts):
+        raise ValueError(f"num_steps={num_steps!r} but {len(ts)} timesteps were given; pass one "
+                         "of them, or both equal")
+    T = schedule.num_train_timesteps
+    if len(ts) < 2 or bool((ts[1:] >= ts[:-1]).any()) or int(ts.min()) < 0 or int(ts.max()) >= T:
+        raise ValueError(f"timesteps must be at least two strictly decreasing integers in "
+                         f"[0, {T - 1}], got {ts.tolist()}")
+    return ts
+
+
 class Sampler:
     """Base class: a fixed state grid of ``num_steps`` model calls plus the clean state.
 
     On a ``Schedule`` (VP) the states sit at ``num_steps`` integer timesteps chosen by
-    ``spacing``; on a ``FlowSchedule`` at the schedule's ``num_steps`` sigmas, or at custom
-    unshifted ``sigmas`` (as diffusers' ``set_timesteps(sigmas=...)``; num_steps then follows).
+    ``spacing``, or at custom descending ``timesteps`` (as diffusers' ``set_timesteps(
+    timesteps=...)``, e.g. a pipeline scheduler's grid with its ``steps_offset``); on a
+    ``FlowSchedule`` at the schedule's ``num_steps`` sigmas, or at custom unshifted ``sigmas``
+    (as diffusers' ``set_timesteps(sigmas=...)``). With custom values num_steps follows.
     """
 
     name = "sampler"
@@ -72,16 +91,17 @@ class Sampler:
     on_vp, on_flow, min_steps = True, True, 1
 
     def __init__(self, schedule: Schedule | FlowSchedule, num_steps: int | None = None,
-                 spacing: str | None = None, *, sigmas=None):
+                 spacing: str | None = None, *, sigmas=None, timesteps=None):
         self.schedule = schedule
-        if num_steps is None and sigmas is None:
+        if num_steps is None and sigmas is None and timesteps is None:
             num_steps = DEFAULT_STEPS
         if isinstance(schedule, FlowSchedule):
             if not self.on_flow:
                 raise ValueError(_wrong_schedule(self.name, schedule))
-            if spacing is not None:
-                raise ValueError(f"spacing={spacing!r} is for a VP Schedule; a FlowSchedule "
-                                 "spaces its sigmas itself or takes custom sigmas=")
+            if spacing is not None or timesteps is not None:
+                what = f"spacing={spacing!r}" if timesteps is None else "timesteps="
+                raise ValueError(f"{what} is for a VP Schedule; a FlowSchedule spaces its "
+                                 "sigmas itself or takes custom sigmas=")
             self.spacing = None
             self.sigmas = schedule.sigmas(num_steps, sigmas)
             self.grid = schedule.grid(self.sigmas)
@@ -97,7 +117,14 @@ class Sampler:
                                  "timesteps by num_steps and spacing")
             self.spacing = "linspace" if spacing is None else spacing
             self.sigmas = None
-            self.grid = schedule.grid(schedule.timesteps(num_steps, self.spacing))
+            if timesteps is None:
+                timesteps = schedule.timesteps(num_steps, self.spacing)
+            else:
+                if spacing is not None:
+                    raise ValueError("pass either spacing or custom timesteps=, not both")
+                self.spacing = None
+                timesteps = _custom_timesteps(timesteps, num_steps, schedule)
+            self.grid = schedule.grid(timesteps)
         else:
             raise TypeError("schedule must be a belm_kernels.Schedule or FlowSchedule, got "
                             f"{type(schedule).__name__}")
@@ -229,10 +256,10 @@ class BDIASampler(TwoStepSampler):
     name = "bdia"
 
     def __init__(self, schedule, num_steps=None, spacing=None, gamma: float = 0.5, *,
-                 sigmas=None):
+                 sigmas=None, timesteps=None):
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
             raise TypeError(f"gamma must be a float, got {type(gamma).__name__}")
-        super().__init__(schedule, num_steps, spacing, sigmas=sigmas)
+        super().__init__(schedule, num_steps, spacing, sigmas=sigmas, timesteps=timesteps)
         self.gamma = float(gamma)
 
     def rows(self):
@@ -261,10 +288,11 @@ class EDICTSampler(Sampler):
     name = "edict"
     calls_per_step = 2
 
-    def __init__(self, schedule, num_steps=None, spacing=None, p: float = 0.93, *, sigmas=None):
+    def __init__(self, schedule, num_steps=None, spacing=None, p: float = 0.93, *, sigmas=None,
+                 timesteps=None):
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < 1:
             raise ValueError(f"p must be a float in (0, 1) exclusive, got {p!r}")
-        super().__init__(schedule, num_steps, spacing, sigmas=sigmas)
+        super().__init__(schedule, num_steps, spacing, sigmas=sigmas, timesteps=timesteps)
         self.p = float(p)
 
     def _tables(self, like):
@@ -312,7 +340,8 @@ def get_sampler(name: str, schedule: Schedule | FlowSchedule, num_steps: int | N
 
     On a ``Schedule``: "ddim", "bdia" (gamma=0.5), "edict" (p=0.93) or "obelm"; ``spacing`` is
     "linspace" (default), "leading" or "trailing". On a ``FlowSchedule``: "euler", "bdia",
-    "edict" or "obelm"; custom unshifted ``sigmas=`` may replace num_steps.
+    "edict" or "obelm"; custom unshifted ``sigmas=`` may replace num_steps (on a ``Schedule``,
+    custom descending integer ``timesteps=``).
     """
     flow = isinstance(schedule, FlowSchedule)
     names = FLOW_SAMPLERS if flow else SAMPLERS

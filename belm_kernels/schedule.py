@@ -190,6 +190,9 @@ class FlowSchedule:
     - static shift (SD3: ``shift=3.0``): sigma -> shift * sigma / (1 + (shift - 1) * sigma);
     - dynamic shifting (Flux: ``use_dynamic_shifting=True, mu=calculate_shift(seq_len)``):
       sigma -> e^mu / (e^mu + 1 / sigma - 1); ``shift`` is then ignored, as in diffusers;
+    - ``shift_terminal`` (LTX-Video 0.1, Qwen-Image 0.02): the shifted sigmas are then stretched
+      so that the last one is ``shift_terminal``, 1 - sigma scaled by
+      (1 - shift_terminal) / (1 - sigma_last);
     - N sigmas: a linspace from sigma_max = 1 to sigma_min (the shifted 1 / num_train_timesteps)
       that is shifted (again), or custom ``sigmas`` (as the Flux pipeline passes them,
       ``np.linspace(1, 1 / N, N)``) that are shifted; then a final 0 is appended;
@@ -197,7 +200,8 @@ class FlowSchedule:
     """
 
     def __init__(self, shift: float = 1.0, use_dynamic_shifting: bool = False,
-                 mu: float | None = None, num_train_timesteps: int = 1000):
+                 mu: float | None = None, num_train_timesteps: int = 1000,
+                 shift_terminal: float | None = None):
         shift = _real(shift, "shift")
         if shift <= 0:
             raise ValueError(f"shift must be > 0, got {shift!r}")
@@ -212,14 +216,21 @@ class FlowSchedule:
         n = num_train_timesteps
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
             raise ValueError(f"num_train_timesteps must be an int >= 2, got {n!r}")
+        if shift_terminal is not None:
+            shift_terminal = _real(shift_terminal, "shift_terminal")
+            if not 0 < shift_terminal < 1:
+                raise ValueError(f"shift_terminal must lie in (0, 1), got {shift_terminal!r}")
         self.shift = shift
         self.use_dynamic_shifting = use_dynamic_shifting
         self.mu = None if mu is None else _real(mu, "mu")
         self.num_train_timesteps = n
+        self.shift_terminal = shift_terminal
 
     def __repr__(self) -> str:
         how = (f"use_dynamic_shifting=True, mu={self.mu!r}" if self.use_dynamic_shifting
                else f"shift={self.shift!r}")
+        if self.shift_terminal is not None:
+            how += f", shift_terminal={self.shift_terminal!r}"
         return f"FlowSchedule({how}, num_train_timesteps={self.num_train_timesteps})"
 
     def shifted(self, s: torch.Tensor) -> torch.Tensor:
@@ -252,7 +263,14 @@ class FlowSchedule:
             if len(s) == 0:
                 raise ValueError("sigmas must not be empty")
             _check_decreasing_in_unit(s, "sigmas")
-        return torch.cat([self.shifted(s), s.new_zeros(1)])
+        s = self.shifted(s)
+        if self.shift_terminal is not None:  # as FlowMatchEulerDiscreteScheduler stretches them
+            one_minus = 1 - s
+            if float(one_minus[-1]) == 0:
+                raise ValueError(f"shift_terminal={self.shift_terminal} stretches the sigmas to "
+                                 "end there, which a last sigma of 1 cannot: use 2 or more steps")
+            s = 1 - one_minus / (one_minus[-1] / (1 - self.shift_terminal))
+        return torch.cat([s, s.new_zeros(1)])
 
     def grid(self, sigmas) -> StateGrid:
         """The state grid of the given (N+1,) sigmas (strictly decreasing in (0, 1], then 0):

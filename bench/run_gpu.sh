@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU proof in one command, on a bare NVIDIA machine with torch, triton and nvcc installed:
-# builds the CUDA extension, runs the whole test suite on the GPU, runs the op and scheduler
-# benchmarks, and writes every log and result to OUT_DIR.
+# builds the CUDA extension, runs the whole test suite on the GPU, runs the op, scheduler,
+# fused-scheduler, batched and reversible-gradient benchmarks, and writes every log and result to
+# OUT_DIR.
 #
 #   bash bench/run_gpu.sh OUT_DIR
 #
@@ -39,10 +40,14 @@ step pytest python -m pytest -q -rs
 step bench_ops python bench/bench_ops.py --device cuda --out-dir "$out"
 if python -c "import diffusers" 2>/dev/null; then
     step bench_scheduler python bench/bench_scheduler.py --device cuda --out-dir "$out"
+    step bench_fused python bench/bench_fused.py --device cuda --out-dir "$out"
 else
-    echo "== bench_scheduler: skipped (diffusers is not installed)" | tee "$out/bench_scheduler.log"
+    echo "== bench_scheduler, bench_fused: skipped (diffusers is not installed)" \
+        | tee "$out/bench_scheduler.log"
 fi
 step bench_batched python bench/bench_batched.py --device cuda --out-dir "$out" \
+    $(python -c "import diffusers" 2>/dev/null || echo --no-unet)
+step bench_reversible python bench/bench_reversible.py --device cuda --out-dir "$out" \
     $(python -c "import diffusers" 2>/dev/null || echo --no-unet)
 step demo python -m belm_kernels.cli demo --device cuda
 

@@ -83,3 +83,27 @@ def flux_pipe(request):
     distilled guidance, with a FlowMatchBELMScheduler from its FlowMatchEulerDiscreteScheduler
     config (dynamic shifting)."""
     return _tiny_belm_pipeline(request, "tiny_flux_pipeline", scheduler="FlowMatchBELMScheduler")
+
+
+# The pipelines of the other families (tests/test_diffusers_families.py), one per session and
+# kind: invert and regenerate swap their scheduler for a run only, so tests share them; a test
+# that changes a pipeline builds its own. Their schedulers are the ones the models ship
+# (UniPC for Wan, CogVideoX's DDIM), as invert and regenerate meet them.
+_TINY = {}
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """``tiny_pipe(builder_name, **kwargs)``: a cached tiny pipeline, progress bars off."""
+    pytest.importorskip("diffusers")
+    from belm_kernels.diffusers import tiny_pipelines
+
+    def get(name: str, **kwargs):
+        key = (name, tuple(sorted(kwargs.items())))
+        if key not in _TINY:
+            pipe = getattr(tiny_pipelines, name)(**kwargs)
+            pipe.set_progress_bar_config(disable=True)
+            _TINY[key] = pipe
+        return _TINY[key]
+
+    return get

@@ -53,12 +53,13 @@ def stepper(capacity=4, dtype=torch.float64, device="cpu", **kw):
                           device=device, cond_shape=(DIM,), **kw)
 
 
-def plain(req, x, cond, x_T2=None):
+def plain(req, x, cond, x_T2=None, backend="auto"):
     """What the request's sampler gives for it alone (a batch of one)."""
     eps_fn = plain_eps_fn(cond)
     if req.direction == "sample":
-        return req.sampler.sample(eps_fn, x[None], None if x_T2 is None else x_T2[None])[0]
-    return tuple(t[0] for t in req.sampler.invert(eps_fn, x[None]))
+        return req.sampler.sample(eps_fn, x[None], None if x_T2 is None else x_T2[None],
+                                  backend=backend)[0]
+    return tuple(t[0] for t in req.sampler.invert(eps_fn, x[None], backend=backend))
 
 
 def assert_same(result, expected):
@@ -289,7 +290,7 @@ def test_steady_tick_allocates_no_more_than_the_bare_op(directions):
         st.add(torch.randn(DIM, dtype=torch.float64), s, d)
     st.tick()  # warm up (backend resolution, lazy imports)
     ticked = _allocations(st.tick)
-    S, B = st._S, st._B
+    S, B = sum(r.direction == "sample" for r in st.requests), len(st)  # samplings first
     prev, cur, coef, eps = st._prev, st._cur, st._coef, st.model(st._cur, None)
 
     def bare():
@@ -534,8 +535,17 @@ def test_example_runs(script, expected):
 
 def test_readme_example_runs(capsys):
     text = (ROOT / "README.md").read_text()
-    section = text.split("## Serving many requests", 1)[1]
-    code = section.split("```python\n", 1)[1].split("```", 1)[0]
-    exec(compile(code, "README.md (batched stepper)", "exec"), {})
+    section = text.split("## Serving many requests", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```python\n")[1:]]
+    namespace = {}
+    exec(compile(blocks[0], "README.md (batched stepper)", "exec"), namespace)
     out = capsys.readouterr().out
     assert out.count(", done)") == 6 and "invert, 20 steps" in out
+    pytest.importorskip("diffusers")
+    exec(compile(blocks[1], "README.md (batched schedulers)", "exec"), namespace)
+    out = capsys.readouterr().out
+    for line in ("DPMSolverMultistepScheduler, sample, 20 steps, done",
+                 "UniPCMultistepScheduler, sample, 8 steps, done",
+                 "EulerAncestralDiscreteScheduler, sample, 12 steps, done",
+                 "obelm, invert, 10 steps, done"):
+        assert line in out

@@ -131,8 +131,8 @@ def test_shard_of_is_a_fixed_function_of_the_id():
 
 
 def test_deal_gives_the_largest_shards_to_the_least_loaded_rank():
-    assert bulk._deal([(0, 3), (1, 1), (2, 2), (3, 2)], 2) == [[0, 1], [2, 3]]
-    assert bulk._deal([(4, 1)], 3) == [[4], [], []]
+    assert bulk.runner._deal([(0, 3), (1, 1), (2, 2), (3, 2)], 2) == [[0, 1], [2, 3]]
+    assert bulk.runner._deal([(4, 1)], 3) == [[4], [], []]
 
 
 @pytest.mark.slow  # torchrun: two fresh interpreters importing torch and diffusers (~20 s here)
@@ -267,7 +267,7 @@ def test_flow_folders_on_another_grid_are_refused(flow_run, tmp_path, monkeypatc
     assert "the pairs were made on another grid than their config gives here (sigmas: [" in (
         capsys.readouterr().err)
     # past that check, the scheduler's own check of the pair's grid refuses every item
-    monkeypatch.setattr(bulk, "_grid", lambda *args: run["config"]["grid"])
+    monkeypatch.setattr(bulk.jobs, "_grid", lambda *args: run["config"]["grid"])
     assert main(regen) == 1
     s = summary(out)
     assert s["failed"] == 2 and all("the latent pair was made on the sigmas [1.0, 0." in f["error"]
@@ -518,8 +518,9 @@ def test_unsupported_pipeline_fails_before_any_work(data, tmp_path, capsys):
                  *RUN]) == 2
     err = capsys.readouterr().err
     assert ("is a DDPMPipeline; the bulk commands support StableDiffusionPipeline, "
-            "StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline and their "
-            "subclasses") in err
+            "StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline, ChromaPipeline, "
+            "QwenImagePipeline, WanPipeline, HunyuanVideoPipeline, LTXPipeline, "
+            "CogVideoXPipeline and their subclasses") in err
     assert not out.exists()
     assert main(["invert-dataset", "--data", str(data), "--out", str(out), "--model",
                  str(tmp_path), *RUN]) == 2
@@ -561,7 +562,7 @@ def test_disk_full_while_writing_a_shard(data, reference, tmp_path, monkeypatch)
     shutil.copytree(data, more)
     make_images(more, ["new0", "new1"], seed=7)
     before = outputs(out)
-    real = bulk._write_bytes
+    real = bulk.shards._write_bytes
 
     def full_disk(f, payload):
         if "shard-" not in f.name:
@@ -569,7 +570,7 @@ def test_disk_full_while_writing_a_shard(data, reference, tmp_path, monkeypatch)
         f.write(payload[: len(payload) // 2])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(bulk, "_write_bytes", full_disk)
+    monkeypatch.setattr(bulk.shards, "_write_bytes", full_disk)
     args = ["invert-dataset", "--data", str(more), "--out", str(out), *RUN]
     assert main(args) == 1
     s = summary(out)

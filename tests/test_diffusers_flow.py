@@ -129,12 +129,12 @@ def test_from_config_of_the_sd3_and_flux_configs(config, mu, tmp_path):
 
 
 @pytest.mark.parametrize("option,value", [
-    ("invert_sigmas", True), ("shift_terminal", 0.1), ("use_karras_sigmas", True),
+    ("invert_sigmas", True), ("final_sigmas_type", "sigma_min"), ("use_karras_sigmas", True),
     ("use_exponential_sigmas", True), ("use_beta_sigmas", True), ("time_shift_type", "linear"),
     ("stochastic_sampling", True)])
 @pytest.mark.parametrize("cls", [FlowMatchBELMScheduler, FlowMatchBELMInverseScheduler])
 def test_options_flow_schedule_does_not_implement_are_refused(cls, option, value):
-    assert set(UNSUPPORTED_OPTIONS) == {"invert_sigmas", "shift_terminal", "use_karras_sigmas",
+    assert set(UNSUPPORTED_OPTIONS) == {"invert_sigmas", "final_sigmas_type", "use_karras_sigmas",
                                         "use_exponential_sigmas", "use_beta_sigmas",
                                         "time_shift_type", "stochastic_sampling"}
     msg = f"{cls.__name__} does not support {option}={value!r}"
@@ -160,6 +160,80 @@ def test_dynamic_shifting_needs_mu_and_a_static_shift_ignores_it():
     a, b = made(FlowMatchBELMScheduler, FLUX_SCHNELL, 4), made(FlowMatchBELMScheduler,
                                                                FLUX_SCHNELL, 4, mu=0.9)
     assert torch.equal(a.sigmas, b.sigmas)
+
+
+# Wan's scheduler configs: UniPC with flow sigmas (2.1 T2V 480p: flow_shift 3; 720p and I2V: 5)
+WAN = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+# LTX-Video's and Qwen-Image's FlowMatchEuler configs: dynamic shifting stretched to a terminal
+LTX = dict(shift=1.0, use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
+           base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1)
+QWEN = dict(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+            base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02)
+
+
+@pytest.mark.parametrize("config,mu", [(WAN, None), (dict(WAN, flow_shift=5.0), None),
+                                       (dict(WAN, flow_shift=12.0, shift_terminal=0.1), None),
+                                       (dict(WAN, use_dynamic_shifting=True), 0.8)])
+def test_unipc_flow_sigmas_as_wan_ships_them(config, mu):
+    """from_config of a UniPCMultistepScheduler config with use_flow_sigmas: UniPC's sigmas
+    (float32, the first one lowered by 1e-6) and its integer timesteps, exactly."""
+    from diffusers import UniPCMultistepScheduler
+
+    unipc = UniPCMultistepScheduler(**config)
+    for cls in (FlowMatchBELMScheduler, FlowMatchBELMInverseScheduler):
+        s = cls.from_config(unipc.config)
+        assert s.config.use_flow_sigmas and s.config.flow_shift == config["flow_shift"]
+        for n, sigmas in ((1, None), (4, None), (50, None), (None, np.array([1.0, 0.7, 0.4, 0.1]))):
+            if n == 1 and (cls is FlowMatchBELMInverseScheduler or "shift_terminal" in config):
+                if "shift_terminal" in config:  # one sigma of 1 cannot be stretched (nan there)
+                    with pytest.raises(ValueError, match="a last sigma of 1 cannot"):
+                        s.set_timesteps(1, mu=mu)
+                continue
+            unipc.set_timesteps(n, sigmas=sigmas, mu=mu)
+            s.set_timesteps(n, sigmas=sigmas, mu=mu)
+            ts = unipc.timesteps
+            if cls is FlowMatchBELMScheduler:
+                assert s.timesteps.dtype == torch.int64 and torch.equal(s.timesteps, ts)
+                assert torch.equal(s.sigmas, unipc.sigmas)
+            else:  # ascending from the clean state, as every inverse scheduler
+                assert s.timesteps.tolist() == [ts[-1].item()] + ts[1:].flip(0).tolist()
+                assert torch.equal(s.sigmas, unipc.sigmas.flip(0))
+
+
+@pytest.mark.parametrize("config,mu", [(LTX, bk.calculate_shift(3 * 16 * 22, 1024, 4096, 0.95,
+                                                                 2.05)),
+                                       (QWEN, bk.calculate_shift(4096, 256, 8192, 0.5, 0.9))])
+def test_shift_terminal_as_flow_match_euler(config, mu):
+    euler = FlowMatchEulerDiscreteScheduler(**config)
+    s = FlowMatchBELMScheduler.from_config(euler.config)
+    for n in (6, 40):
+        sigmas = np.linspace(1.0, 1 / n, n)  # as the LTX and Qwen-Image pipelines pass them
+        euler.set_timesteps(sigmas=sigmas, mu=mu)
+        s.set_timesteps(sigmas=sigmas, mu=mu)
+        assert float((s.sigmas - euler.sigmas).abs().max()) <= 4 * EPS32
+        assert abs(s._grid_sigmas[-2].item() - config["shift_terminal"]) < 1e-15
+    schedule = bk.FlowSchedule(use_dynamic_shifting=True, mu=mu,
+                               shift_terminal=config["shift_terminal"])
+    assert "shift_terminal=" in repr(schedule)
+    for bad in (0.0, 1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="shift_terminal must"):
+            bk.FlowSchedule(shift_terminal=bad)
+
+
+def test_configs_of_other_kinds_of_models_are_refused():
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    # keys given explicitly, as a saved scheduler_config.json has them all (diffusers'
+    # from_config skips the keys a scheduler built in memory left at their defaults)
+    sana = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                       flow_shift=3.0, algorithm_type="dpmsolver++")
+    with pytest.raises(ValueError, match="DPMSolverMultistepScheduler's \\(Sana\\) are spaced "
+                                         "differently"):
+        FlowMatchBELMScheduler.from_config(sana.config)
+    with pytest.raises(ValueError, match="takes a velocity model .* got "
+                                         "prediction_type='epsilon'.* BELMScheduler"):
+        FlowMatchBELMScheduler.from_config(UniPCMultistepScheduler(prediction_type="epsilon")
+                                           .config)
 
 
 def test_bad_set_timesteps_arguments_leave_the_grid_as_it_was():
@@ -603,14 +677,16 @@ def test_wrong_latents_for_the_pipeline(sd3_pipe, flux_pipe):
     x0 = image_latents(flux_pipe, IMAGE)  # (1, 16, 16) packed
     unpacked = vae_latents(flux_pipe, IMAGE)  # (1, 4, 8, 8)
     with pytest.raises(ValueError, match=r"FluxPipeline takes packed latents of shape \(batch, "
-                                         r"tokens, 16\) .* got shape \(1, 4, 8, 8\); pack .* "
-                                         r"pipe._pack_latents\(latents"):
+                                         r"tokens=16, channels=16\), got shape \(1, 4, 8, 8\); "
+                                         r"pack .* pipe._pack_latents\(latents"):
         invert(flux_pipe, latents=unpacked, num_inference_steps=4, **FLUX_CALL)
-    with pytest.raises(ValueError, match=r"packed latents of a 32x32 image have shape \(batch, "
-                                         r"64, 16\), got \(1, 16, 16\): pass the height and width"):
+    with pytest.raises(ValueError, match=r"packed latents of 32x32 have shape \(batch, "
+                                         r"tokens=64, channels=16\), got \(1, 16, 16\): pass "
+                                         r"the height and width"):
         invert(flux_pipe, latents=x0, height=32, width=32, num_inference_steps=4, **FLUX_CALL)
-    with pytest.raises(ValueError, match=r"StableDiffusion3Pipeline latents have shape \(batch, "
-                                         r"4, height, width\), got \(1, 16, 16\)"):
+    with pytest.raises(ValueError, match=r"StableDiffusion3Pipeline takes latents of shape "
+                                         r"\(batch, channels=4, height, width\), got shape "
+                                         r"\(1, 16, 16\)"):
         invert(sd3_pipe, latents=x0, num_inference_steps=4, **SD3_CALL)
     # a pair made on another pipeline kind is refused by the scheduler
     flux_pair = invert(flux_pipe, latents=x0, num_inference_steps=4, progress=False, **FLUX_CALL)
@@ -644,16 +720,24 @@ def test_flow_example_runs_as_written(args, tmp_path, monkeypatch, capsys):
         "belm_flow_edit.png", "belm_flow_reconstruction.png"], out
 
 
-def test_readme_sd3_flux_snippet_runs_as_written(flux_pipe):
-    """The README's SD3 / Flux code block, with the tiny Flux pipeline as ``pipe``."""
+def test_readme_flow_and_video_snippet_runs_as_written(flux_pipe, tiny_pipe):
+    """The README's flow-matching and video code block, with the tiny Flux, Wan and Wan I2V
+    pipelines as ``pipe``, ``wan`` and ``wan_i2v``."""
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("**SD3 and Flux: exact inversion on rectified flow.**", 1)[1]
+    section = readme.split("**Flow matching and video: one mechanism for every pipeline.**", 1)[1]
     block = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
-    photo = Image.fromarray((np.random.default_rng(0).random((24, 24, 3)) * 255).astype("uint8"))
-    namespace = {"pipe": flux_pipe, "photo": photo}
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray((rng.random((24, 24, 3)) * 255).astype("uint8"))
+    frames = [Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8")) for _ in range(5)]
+    wan, wan_i2v = tiny_pipe("tiny_wan_pipeline"), tiny_pipe("tiny_wan_i2v_pipeline")
+    namespace = {"pipe": flux_pipe, "photo": photo, "wan": wan, "wan_i2v": wan_i2v,
+                 "frames": frames}
     exec(compile(block, "README.md", "exec"), namespace)
-    assert namespace["edit"].size == namespace["same"].size == (16, 16)  # the pipeline's size
-    assert isinstance(flux_pipe.scheduler, FlowMatchBELMScheduler)
+    x0 = image_latents(flux_pipe, photo)  # the photo at its own size, 24x24
+    assert torch.equal(namespace["same"].images, x0)
+    assert namespace["edit"].size == (24, 24)
+    assert namespace["clip"].shape == (5, 32, 32, 3)  # frames of the video, as numpy
+    assert isinstance(flux_pipe.scheduler, FlowMatchBELMScheduler)  # as it was
 
 
 def test_saved_pipeline_loads_with_its_flow_scheduler(flux_pipe, tmp_path):

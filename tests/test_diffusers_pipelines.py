@@ -204,7 +204,7 @@ def test_pipeline_pair_errors(sd_pipe):
         sd_pipe(latents=pair.x_T, num_inference_steps=n, **call)
     with pytest.raises(ValueError, match="invert and regenerate with the same num_inference_steps"):
         sd_pipe(latents=pair.x_T2, num_inference_steps=n + 1, **call)
-    with pytest.raises(ValueError, match="exactly one of image or latents"):
+    with pytest.raises(ValueError, match="exactly one of image, video or latents, got none"):
         invert(sd_pipe, prompt_embeds=pe, num_inference_steps=n)
 
 

@@ -209,7 +209,8 @@ def test_ignored_ddim_options_warn_from_the_constructor_and_from_config(option, 
 
 def test_zero_terminal_snr_where_the_grid_does_not_visit_it():
     """rescale_betas_zero_snr=True puts alpha = 0 at timestep 999 only: "leading" spacing never
-    visits it and round-trips exactly; a grid that does visit it is refused with a clear error."""
+    visits it and round-trips exactly; for an epsilon model a grid that does visit it is refused
+    with a clear error (v_prediction: test_zero_snr_grid_of_a_v_prediction_model)."""
     config = DDIMScheduler(**SD, rescale_betas_zero_snr=True, steps_offset=1,
                            clip_sample=False).config
     s = BELMScheduler.from_config(config)
@@ -226,10 +227,83 @@ def test_zero_terminal_snr_where_the_grid_does_not_visit_it():
     assert rel(run(s, fn, inv.latent_pair.x_T2), x0) < 1e-12
     for spacing in ("trailing", "linspace"):
         t = BELMScheduler.from_config(config, timestep_spacing=spacing)
-        with pytest.raises(ValueError, match="visits timestep 999, where alphas_cumprod is 0"):
+        with pytest.raises(ValueError, match="visits timestep 999, whose alphas_cumprod is 0 .*"
+                                             "an epsilon model cannot predict the data"):
             t.set_timesteps(20)
     with pytest.raises(ValueError, match="visits timestep 999"):
         s.set_timesteps(timesteps=[999, 500, 0])
+
+
+COGVIDEOX = dict(SD, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                 timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True)
+
+
+@pytest.mark.parametrize("snr_shift_scale", [3.0, 1.0])  # CogVideoX-2b, -5b
+def test_cogvideox_configs_give_their_alphas_cumprod_bit_for_bit(snr_shift_scale):
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
+
+    for cls in (CogVideoXDDIMScheduler, CogVideoXDPMScheduler):
+        theirs = cls(**COGVIDEOX, snr_shift_scale=snr_shift_scale)
+        ours = BELMScheduler.from_config(theirs.config)
+        assert ours.config.snr_shift_scale == snr_shift_scale
+        assert torch.equal(ours.alphas_cumprod, theirs.alphas_cumprod)
+        assert float(ours.alphas_cumprod[-1]) == 0.0  # zero terminal SNR
+        ours.set_timesteps(50)
+        theirs.set_timesteps(50)
+        assert torch.equal(ours.timesteps, theirs.timesteps) and int(ours.timesteps[0]) == 999
+    for bad in (0.0, -1.0, True, "3"):
+        with pytest.raises(ValueError, match="snr_shift_scale must be a positive float"):
+            BELMScheduler(**COGVIDEOX, snr_shift_scale=bad)
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_zero_snr_grid_of_a_v_prediction_model(prediction_type):
+    """CogVideoX's grid starts at alphas_cumprod = 0 (pure noise). The first step is DDIM's
+    x_1 = sigma_1 x - alpha_1 v (x0 = the output for "sample"); O-BELM's next step has leading
+    coefficient 0 (DDIM's step again), so the inversion ends with the pair of the second and
+    third states, and the regeneration from it makes N-2 model calls, exactly."""
+    config = dict(COGVIDEOX, prediction_type=prediction_type, snr_shift_scale=3.0)
+    n = 8
+    w = torch.randn(16, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def fn(x, t):  # any model will do: exactness does not depend on it
+        flat = x.reshape(x.shape[0], -1).double()
+        return torch.tanh(flat @ w + int(t) / 1000).reshape(x.shape).to(x.dtype)
+
+    s = BELMScheduler(**config)
+    s.set_timesteps(n)
+    ac = s.alphas_cumprod.double()
+    ts = s.timesteps.tolist()
+    assert ts[0] == 999 and float(ac[999]) == 0.0
+    alpha1, sigma1 = float(ac[ts[1]].sqrt()), float((1 - ac[ts[1]]).sqrt())
+    x = noise(torch.float64)
+    first = s.step(fn(x, ts[0]), ts[0], x).prev_sample
+    x0 = -fn(x, ts[0]) if prediction_type == "v_prediction" else fn(x, ts[0])
+    assert rel(first, alpha1 * x0 + sigma1 * x) <= 4 * torch.finfo(torch.float64).eps
+    two = s._tables64["two"]
+    assert float(two[1, 0]) == 0.0 and torch.equal(two[1], s._tables64["first"][1])
+
+    x0 = data(torch.float64)
+    inv = BELMInverseScheduler(**config)
+    inv.set_timesteps(n)
+    assert inv.timesteps.tolist() == [ts[-1]] + ts[2:][::-1]  # ends at t_2: N-1 steps
+    run(inv, fn, x0)
+    pair = inv.latent_pair
+    s.set_latent_pair(pair)
+    s.set_timesteps(n)
+    assert s.timesteps.tolist() == ts[2:]  # N-2 model calls from the pair
+    assert rel(run(s, fn, pair.x_T2), x0) < 1e-13
+    # float32 latents through float64 states: bit for bit
+    x0 = data(torch.float32)
+    inv = BELMInverseScheduler(**config, state_dtype="float64")
+    inv.set_timesteps(n)
+    run(inv, fn, x0)
+    s.set_latent_pair(inv.latent_pair)
+    s.set_timesteps(n)
+    assert torch.equal(run(s, fn, inv.latent_pair.x_T2), x0)
+    with pytest.raises(ValueError, match="BELMInverseScheduler needs at least 3 steps .* after "
+                                         "the zero-SNR state"):
+        BELMInverseScheduler(**config).set_timesteps(2)
 
 
 # ------------------------------------------------------------------ step outputs

@@ -205,3 +205,104 @@ def test_wrong_model_shape_is_caught_before_capture():
     with pytest.raises(ValueError, match="the model returned shape"):
         st.tick(graph=True)
     _assert_untouched(st, snap)
+
+
+# ------------------------------------------------------------------ GPU: the fused schedulers
+
+
+def _cuda_jobs(seed, dtype, n=12):
+    """A mixed stream (test_batched_schedulers' schedulers and BELM jobs) on the GPU."""
+    from test_batched_schedulers import scheduler_request
+
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    jobs = []
+    for _ in range(n):
+        if rng.random() < 0.7:
+            sched, options, x, cond, s = scheduler_request(rng, gen, dtype)
+            jobs.append(("scheduler", (sched, options, x.cuda(), cond.cuda(), s)))
+        else:
+            jobs.append(("belm", random_request(rng, gen, dtype, "cuda")))
+    return jobs
+
+
+@needs_cuda
+@pytest.mark.parametrize("generator_device", ["cpu", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_graph_replay_of_scheduler_streams_equals_eager(dtype, generator_device):
+    """DPM-Solver++, UniPC, Euler (scaled model input), Euler a / SDE / LCM / DDIM eta (noise
+    drawn outside the graph into its buffer, from CPU or CUDA generators) and BELM requests,
+    joining, leaving and cancelled: replayed ticks give the eager ticks' results to the bit."""
+    pytest.importorskip("diffusers")
+    from test_batched_schedulers import serve_mixed
+
+    model = device_model("cuda")[0]
+    jobs = _cuda_jobs(4, dtype)
+    results = []
+    for graph in (False, True):
+        st = gpu_stepper(model, 4, dtype)
+        served = serve_mixed(st, jobs, random.Random(9), graph=graph,
+                             generator_device=generator_device)
+        results.append([req.result for req, _, _ in served])
+        if graph:
+            assert len(st._graphs) > 2
+    for eager, replayed in zip(*results, strict=True):
+        assert (eager is None) == (replayed is None)
+        if eager is not None:
+            assert_same(replayed, eager)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_cuda_requests_equal_their_fused_scheduler_alone(dtype):
+    """On a GPU too each request is its fused scheduler alone on it (torch reference op on both
+    sides), with the model input scaled as scale_model_input scales it there: torch divides a
+    CUDA sample by a CPU scalar by multiplying with its reciprocal."""
+    pytest.importorskip("diffusers")
+    from test_batched_schedulers import check_alone, serve_mixed
+
+    model = device_model("cuda")[0]
+    jobs = [job for job in _cuda_jobs(6, dtype, n=10) if job[0] == "scheduler"]
+    st = BatchedStepper(model, SCHED, (DIM,), capacity=4, dtype=dtype, device="cuda",
+                        cond_shape=(DIM,), backend="torch")
+    served = serve_mixed(st, jobs, random.Random(0), cancel=0, generator_device="cuda")
+    assert check_alone(st, served, "torch", generator_device="cuda") == len(jobs)
+
+
+@needs_cuda
+def test_replayed_scheduler_ticks_allocate_nothing():
+    """Replayed ticks of scaled, noisy (a CUDA generator: drawn in place) and multistep requests
+    next to an exact inversion allocate nothing, for every phase of the history rings."""
+    pytest.importorskip("diffusers")
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        UniPCMultistepScheduler,
+    )
+    from test_fused_schedulers import SD15, SDXL
+
+    model, _ = device_model("cuda")
+    st = gpu_stepper(model, 5)
+    z = torch.zeros(DIM, device="cuda")
+    for cls, config in [(EulerDiscreteScheduler, SDXL), (EulerAncestralDiscreteScheduler, SDXL),
+                        (DPMSolverMultistepScheduler, SD15), (UniPCMultistepScheduler, SD15)]:
+        st.add(torch.randn(DIM, device="cuda"), cls.from_config(config), cond=z,
+               num_inference_steps=50, generator=torch.Generator("cuda"))
+    st.add(torch.randn(DIM, device="cuda"), bk.get_sampler("obelm", SCHED, 50), "invert",
+           cond=z)
+    for _ in range(5):  # every phase of the rings captured
+        st.tick(graph=True)
+    assert _allocations(lambda: [st.tick(graph=True) for _ in range(8)]) == 0
+
+
+@needs_cuda
+def test_cpu_stepper_refuses_a_cuda_generator():
+    pytest.importorskip("diffusers")
+    from diffusers import EulerAncestralDiscreteScheduler
+    from test_fused_schedulers import SDXL
+
+    st = BatchedStepper(lambda x, t: x, SCHED, (DIM,), capacity=1)
+    with pytest.raises(ValueError, match="request 'g': its generator is on cuda"):
+        st.add(torch.zeros(DIM), EulerAncestralDiscreteScheduler.from_config(SDXL),
+               num_inference_steps=5, generator=torch.Generator("cuda"), name="g")
+    assert len(st) == 0

@@ -189,6 +189,17 @@ def test_timesteps_and_repr():
     assert "num_steps=10" in repr(s)
 
 
+@pytest.mark.parametrize("method", ["ddim", *EXACT])
+def test_custom_timesteps_give_that_grid(method):
+    """timesteps= (a diffusers scheduler's grid, e.g. with steps_offset) replaces the spacing."""
+    ts = SCHED.timesteps(10, "leading", steps_offset=1)
+    s = bk.get_sampler(method, SCHED, timesteps=ts.tolist())
+    assert torch.equal(s.timesteps, ts) and s.num_steps == 10
+    assert torch.equal(s.grid.alpha, SCHED.grid(ts).alpha)
+    same = bk.get_sampler(method, SCHED, 10, timesteps=ts)
+    assert torch.equal(same.sample(eps_fn64, noise()), s.sample(eps_fn64, noise()))
+
+
 def test_compiled_sampler_step_matches_eager():
     """torch.compile(fullgraph=True) of one sampler step with the fused op."""
     s = bk.get_sampler("obelm", SCHED, 10)
@@ -237,6 +248,19 @@ def eps_fn64(x, t):
     (lambda: bk.get_sampler("edict", SCHED, 10, p=0), ValueError, r"p must be a float in \(0, 1\)"),
     (lambda: bk.get_sampler("bdia", SCHED, 10, gamma="x"), TypeError, "gamma must be a float"),
     (lambda: bk.get_sampler("obelm", [0.9, 0.5]), TypeError, "schedule must be"),
+    (lambda: bk.get_sampler("obelm", SCHED, timesteps=[900, 901]), ValueError,
+     r"timesteps must be at least two strictly decreasing integers in \[0, 999\], got "
+     r"\[900, 901\]"),
+    (lambda: bk.get_sampler("obelm", SCHED, timesteps=[1000, 0]), ValueError,
+     "strictly decreasing integers in"),
+    (lambda: bk.get_sampler("obelm", SCHED, timesteps=[900.0, 0.0]), ValueError,
+     "timesteps must be a 1-D sequence of integers"),
+    (lambda: bk.get_sampler("obelm", SCHED, 3, timesteps=[900, 0]), ValueError,
+     "num_steps=3 but 2 timesteps"),
+    (lambda: bk.get_sampler("obelm", SCHED, spacing="leading", timesteps=[900, 0]), ValueError,
+     "either spacing or custom timesteps"),
+    (lambda: bk.get_sampler("obelm", bk.FlowSchedule(), timesteps=[900, 0]), ValueError,
+     "timesteps= is for a VP Schedule"),
     (lambda: bk.get_sampler("bdia", SCHED, 5, gamma=0.0).invert(eps_fn64, data()), ValueError,
      "gamma=0 .* cannot be inverted"),
     (lambda: bk.get_sampler("obelm", SCHED, 5).sample(eps_fn64, noise(), noise(8)), ValueError,

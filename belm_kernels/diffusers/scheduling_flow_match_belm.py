@@ -9,15 +9,25 @@ FlowMatchEulerDiscreteScheduler's Euler step x + (s_next - s) v, every later one
 (h_j = s_j - s_{j+1}), in one fused :func:`belm_kernels.lincomb3_`. The model output is the
 velocity as SD3 and Flux predict it; nothing is converted.
 
-Config. The keys of ``FlowMatchEulerDiscreteScheduler`` (``from_config`` of the configs SD3 and
-Flux ship works), plus ``backend`` and ``state_dtype`` as in :class:`BELMScheduler`. The sigmas are
-``FlowSchedule``'s: a static ``shift`` (SD3), or dynamic shifting (Flux: ``use_dynamic_shifting``,
-with ``mu`` passed to ``set_timesteps``, which the SD3 and Flux pipelines compute from the image
-size and ``base_shift``, ``max_shift``, ``base_image_seq_len``, ``max_image_seq_len``); custom
-``sigmas`` as the pipelines pass them. They equal FlowMatchEulerDiscreteScheduler's up to its
-float32 rounding (they are float64 here); ``timesteps`` are ``num_train_timesteps * sigma`` in
-float32, computed as FlowMatchEulerDiscreteScheduler computes them. As there, ``mu`` is ignored
-without dynamic shifting (FluxPipeline passes it to FLUX.1-schnell's static config too).
+Config. The keys of ``FlowMatchEulerDiscreteScheduler`` (``from_config`` of the configs SD3,
+Flux, HunyuanVideo, LTX-Video, Qwen-Image and Chroma ship works), plus ``backend`` and
+``state_dtype`` as in :class:`BELMScheduler`. The sigmas are ``FlowSchedule``'s: a static
+``shift`` (SD3), or dynamic shifting (Flux: ``use_dynamic_shifting``, with ``mu`` passed to
+``set_timesteps``, which the pipelines compute from the image size and ``base_shift``,
+``max_shift``, ``base_image_seq_len``, ``max_image_seq_len``), stretched to ``shift_terminal``
+when set (LTX-Video, Qwen-Image); custom ``sigmas`` as the pipelines pass them. They equal
+FlowMatchEulerDiscreteScheduler's up to its float32 rounding (they are float64 here);
+``timesteps`` are ``num_train_timesteps * sigma`` in float32, computed as
+FlowMatchEulerDiscreteScheduler computes them. As there, ``mu`` is ignored without dynamic
+shifting (FluxPipeline passes it to FLUX.1-schnell's static config too).
+
+The flow sigmas of ``UniPCMultistepScheduler`` (Wan's configs: ``use_flow_sigmas=True``,
+``flow_shift``, ``prediction_type="flow_prediction"``) are reproduced too: the unshifted sigmas
+``linspace(1, 1 / num_train_timesteps, N + 1)[:-1]`` shifted by ``flow_shift`` (or by ``mu`` with
+dynamic shifting), a first sigma of 1 lowered by 1e-6 as UniPC does, and integer timesteps
+``int(num_train_timesteps * sigma)``, so that the model sees the timesteps and the states the
+sigmas of Wan's own scheduler (the same floats; only the solver differs). DPM-Solver's flow
+sigmas (Sana) are spaced differently: a config with their ``algorithm_type`` is refused.
 
 Options of FlowMatchEulerDiscreteScheduler that ``FlowSchedule`` does not implement are refused
 when set (``UNSUPPORTED_OPTIONS``): each one changes the sigmas or the step, so ignoring it would
@@ -55,13 +65,17 @@ from .scheduling_utils import BELMSamplingMixin, BELMSchedulerMixin
 # option -> (the values that leave it off, what it would do)
 UNSUPPORTED_OPTIONS = {
     "invert_sigmas": ((False,), "sigmas running from 0 to 1 (Mochi)"),
-    "shift_terminal": ((None, 0, 0.0), "sigmas stretched to end at shift_terminal"),
     "use_karras_sigmas": ((False,), "Karras sigmas"),
     "use_exponential_sigmas": ((False,), "exponential sigmas"),
     "use_beta_sigmas": ((False,), "beta-distribution sigmas"),
     "time_shift_type": (("exponential",), "a linear dynamic time shift"),
     "stochastic_sampling": ((False,), "fresh noise at every step, which no inversion can undo"),
+    "final_sigmas_type": (("zero",), "a last state that is not clean (UniPC's sigma_min)"),
 }
+#: The prediction types of a velocity model (FlowMatchEuler configs have no prediction_type)
+FLOW_PREDICTION_TYPES = (None, "flow_prediction")
+#: UniPC lowers a first sigma of 1 by this much (its log(1 - sigma) would be infinite)
+UNIPC_SIGMA_NUDGE = 1e-6
 
 
 def _timesteps_f32(sigmas: torch.Tensor, num_train_timesteps: int) -> list[float]:
@@ -70,15 +84,22 @@ def _timesteps_f32(sigmas: torch.Tensor, num_train_timesteps: int) -> list[float
     return (sigmas.to(torch.float32) * num_train_timesteps).tolist()
 
 
+def _timesteps_int(sigmas: torch.Tensor, num_train_timesteps: int) -> list[int]:
+    """int64(num_train_timesteps * sigma) from the float64 sigmas (truncated), as UniPC's flow
+    sigmas give its timesteps."""
+    return (sigmas * num_train_timesteps).to(torch.int64).tolist()
+
+
 class FlowScheduleMixin(BELMSchedulerMixin, ConfigMixin):
     """The rectified-flow schedule of :class:`FlowMatchBELMScheduler` and
     ``FlowMatchBELMInverseScheduler``: config, ``set_timesteps``, coefficient tables, ``sigmas``
     and ``scale_noise``."""
 
     _compatibles = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"]
+    # (the text is part of the grid records stored by the bulk jobs: changing it would make
+    # their folders look like another grid)
     _grid_kind = "rectified-flow (flow matching: SD3, Flux)"
     _timestep_dtype = torch.float32
-    _min_steps = 1  # a single Euler step is a run; an exact inversion needs two
 
     @register_to_config
     def __init__(
@@ -97,14 +118,26 @@ class FlowScheduleMixin(BELMSchedulerMixin, ConfigMixin):
         use_beta_sigmas: bool = False,
         time_shift_type: str = "exponential",
         stochastic_sampling: bool = False,
+        use_flow_sigmas: bool = False,
+        flow_shift: float = 1.0,
+        final_sigmas_type: str = "zero",
+        prediction_type: str | None = None,
+        algorithm_type: str | None = None,
         backend: str = "auto",
         state_dtype: str | None = None,
     ):
         self._check_options()
-        # FlowSchedule validates shift and num_train_timesteps (mu comes with set_timesteps)
-        static = FlowSchedule(shift=shift, num_train_timesteps=num_train_timesteps)
-        if not isinstance(use_dynamic_shifting, bool):
-            raise TypeError(f"use_dynamic_shifting must be a bool, got {use_dynamic_shifting!r}")
+        for name, value in (("use_dynamic_shifting", use_dynamic_shifting),
+                            ("use_flow_sigmas", use_flow_sigmas)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
+        # FlowSchedule validates shift, shift_terminal and num_train_timesteps (mu comes with
+        # set_timesteps); UniPC's flow sigmas are shifted by flow_shift
+        static = FlowSchedule(shift=flow_shift if use_flow_sigmas else shift,
+                              num_train_timesteps=num_train_timesteps,
+                              shift_terminal=shift_terminal or None)
+        # UniPC publishes integer timesteps, FlowMatchEuler float32 ones
+        self._timestep_dtype = torch.int64 if use_flow_sigmas else torch.float32
         self.init_noise_sigma = 1.0
         # Until set_timesteps: the training schedule, as FlowMatchEulerDiscreteScheduler has it
         # (shifted by a static shift; dynamic shifting needs mu, so unshifted).
@@ -125,6 +158,17 @@ class FlowScheduleMixin(BELMSchedulerMixin, ConfigMixin):
                     "FlowSchedule implements FlowMatchEulerDiscreteScheduler's static shift and "
                     f"exponential dynamic shifting only; leave {option} at {off[0]!r}, or use "
                     "FlowMatchEulerDiscreteScheduler for this config")
+        if cfg.prediction_type not in FLOW_PREDICTION_TYPES:
+            raise ValueError(
+                f"{type(self).__name__} takes a velocity model (prediction_type "
+                f"'flow_prediction'), got prediction_type={cfg.prediction_type!r}: that config "
+                "is a variance-preserving model's, whose BELM scheduler is BELMScheduler")
+        # algorithm_type is a key of DPM-Solver's (and DEIS') configs only, not of UniPC's
+        if cfg.use_flow_sigmas and cfg.algorithm_type is not None:
+            raise ValueError(
+                f"{type(self).__name__} reproduces UniPCMultistepScheduler's flow sigmas "
+                "(use_flow_sigmas=True, as Wan ships them); DPMSolverMultistepScheduler's (Sana) "
+                "are spaced differently and are not supported")
         self._check_common_options()
 
     def __len__(self) -> int:
@@ -133,8 +177,11 @@ class FlowScheduleMixin(BELMSchedulerMixin, ConfigMixin):
     def _schedule(self, mu) -> tuple[FlowSchedule, float | None]:
         """The FlowSchedule of the config (and the mu it uses: None without dynamic shifting)."""
         cfg = self.config
+        common = dict(num_train_timesteps=cfg.num_train_timesteps,
+                      shift_terminal=cfg.shift_terminal or None)
         if not cfg.use_dynamic_shifting:  # as FlowMatchEulerDiscreteScheduler: mu is not used
-            return FlowSchedule(shift=cfg.shift, num_train_timesteps=cfg.num_train_timesteps), None
+            shift = cfg.flow_shift if cfg.use_flow_sigmas else cfg.shift
+            return FlowSchedule(shift=shift, **common), None
         if mu is None:
             raise ValueError(
                 f"{type(self).__name__} has use_dynamic_shifting=True, so set_timesteps needs mu: "
@@ -144,8 +191,7 @@ class FlowScheduleMixin(BELMSchedulerMixin, ConfigMixin):
                 "themselves)")
         if isinstance(mu, numbers.Real) and not isinstance(mu, bool):  # numpy floats too
             mu = float(mu)
-        schedule = FlowSchedule(use_dynamic_shifting=True, mu=mu,
-                                num_train_timesteps=cfg.num_train_timesteps)
+        schedule = FlowSchedule(use_dynamic_shifting=True, mu=mu, **common)
         return schedule, schedule.mu
 
     def set_timesteps(self, num_inference_steps: int | None = None,
@@ -157,8 +203,10 @@ class FlowScheduleMixin(BELMSchedulerMixin, ConfigMixin):
         with dynamic shifting, by ``mu``; then the clean state sigma = 0. Moves the coefficient
         tables to ``device`` once and starts a new run. Arguments as
         ``FlowMatchEulerDiscreteScheduler.set_timesteps``, except that custom ``timesteps`` are
-        not supported (pass ``sigmas``)."""
+        not supported (pass ``sigmas``). A config with UniPC's ``use_flow_sigmas`` gets UniPC's
+        sigmas and integer timesteps (see the module docstring)."""
         self._check_options()
+        cfg = self.config
         if timesteps is not None:
             raise ValueError(
                 f"{type(self).__name__} does not take custom timesteps (its timesteps are always "
@@ -172,15 +220,22 @@ class FlowScheduleMixin(BELMSchedulerMixin, ConfigMixin):
             raise ValueError(
                 "set_timesteps takes the sigmas of the model calls, without the final 0 (it is "
                 "appended here, as FlowMatchEulerDiscreteScheduler does); drop the last entry")
+        if cfg.use_flow_sigmas and sigmas is None:
+            n = num_inference_steps
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"num_inference_steps must be an int >= 1, got {n!r}")
+            # UniPC's unshifted flow sigmas (numpy's linspace: the same float64 values)
+            sigmas = np.linspace(1, 1 / cfg.num_train_timesteps, n + 1)[:-1]
         s = schedule.sigmas(num_inference_steps, sigmas)
+        if cfg.use_flow_sigmas and abs(float(s[0]) - 1) < UNIPC_SIGMA_NUDGE:
+            s[0] -= UNIPC_SIGMA_NUDGE
         grid = schedule.grid(s)
-        if grid.num_steps < self._min_steps:
-            raise ValueError(f"{type(self).__name__} needs at least {self._min_steps} steps (an "
-                             f"exact inversion ends with a pair of states), got {grid.num_steps}")
+        self._check_steps(grid.num_steps)  # before anything changes
         tables = {"first": coefficients.ddim(grid),  # the Euler step, and its inversion
                   "first_inverse": coefficients.ddim_inverse(grid),
                   "two": coefficients.obelm(grid)}
-        host = tuple(_timesteps_f32(s[:-1], self.config.num_train_timesteps))
+        as_timesteps = _timesteps_int if cfg.use_flow_sigmas else _timesteps_f32
+        host = tuple(as_timesteps(s[:-1], cfg.num_train_timesteps))
         # what a latent pair must match: mu (with dynamic shifting) and the float64 sigmas
         record = {"mu": mu, "sigmas": tuple(s.tolist()), "timesteps": host}
         self._grid_sigmas = s

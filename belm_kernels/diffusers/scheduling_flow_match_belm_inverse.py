@@ -23,5 +23,3 @@ class FlowMatchBELMInverseScheduler(BELMInversionMixin, FlowScheduleMixin):
     :class:`~belm_kernels.diffusers.scheduling_utils.BELMInversionMixin`; ``sigmas`` ascend from
     0 (the clean sample of the first step) to the noisiest state. N >= 2 steps.
     """
-
-    _min_steps = 2

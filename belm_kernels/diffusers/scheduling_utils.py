@@ -83,21 +83,29 @@ class LatentPair(tuple):
       :meth:`BELMSamplingMixin.set_latent_pair` refuses to regenerate on another grid;
       ``timesteps=`` is shorthand for ``grid={"timesteps": ...}``;
     * ``state``: when the inversion kept its states in a wider dtype (``state_dtype``), those two
-      states, from which a scheduler continues in that dtype, for a bit-exact regeneration.
+      states, from which a scheduler continues in that dtype, for a bit-exact regeneration;
+    * ``pipeline`` and ``sizes``: from :func:`~belm_kernels.diffusers.invert`, the class name of
+      the pipeline that made the pair and the size arguments (``height``, ``width``,
+      ``num_frames``, ...) its call was given, which
+      :func:`~belm_kernels.diffusers.regenerate` checks and passes again.
     """
 
     def __new__(cls, x_T: torch.Tensor, x_T2: torch.Tensor, timesteps: Sequence[int] | None = None,
                 state: tuple[torch.Tensor, torch.Tensor] | None = None,
-                grid: Mapping[str, Any] | None = None):
+                grid: Mapping[str, Any] | None = None, pipeline: str | None = None,
+                sizes: Mapping[str, Any] | None = None):
         pair = super().__new__(cls, (x_T, x_T2))
         pair.grid = dict(grid or {})
         if timesteps is not None:
             pair.grid["timesteps"] = tuple(int(t) for t in timesteps)
         pair.state = None if state is None else tuple(state)
+        pair.pipeline = pipeline
+        pair.sizes = dict(sizes or {})
         return pair
 
-    def __reduce__(self):  # pickle / torch.save / copy: rebuild with the record and the state
-        return (type(self), (self[0], self[1], None, self.state, self.grid))
+    def __reduce__(self):  # pickle / torch.save / copy: rebuild with the records and the state
+        return (type(self), (self[0], self[1], None, self.state, self.grid, self.pipeline,
+                             self.sizes))
 
     @property
     def x_T(self) -> torch.Tensor:
@@ -148,6 +156,7 @@ class BELMSchedulerMixin(SchedulerMixin):
     order = 1
     _timestep_dtype = torch.long  # dtype of the published ``timesteps``
     _grid_kind: str  # the family's kind of schedule, named in the grid record and its errors
+    _min_steps = 1  # model calls a grid needs (beyond the pair's start, see _set_grid)
 
     def _init_run_state(self) -> None:
         """Call at the end of the family's ``__init__``: no grid yet."""
@@ -196,9 +205,18 @@ class BELMSchedulerMixin(SchedulerMixin):
 
     # ---------------------------------------------------------------------------- grid
     def _set_grid(self, timesteps: Sequence, tables: dict[str, torch.Tensor],
-                  device: str | torch.device | None, record: dict[str, Any]) -> None:
+                  device: str | torch.device | None, record: dict[str, Any],
+                  pair_start: int = 0) -> None:
         """Install a new grid: its model timesteps (descending), the float64 coefficient tables,
-        and the record a latent pair must match; then start a new run."""
+        and the record a latent pair must match; then start a new run.
+
+        ``pair_start`` is the grid state (0: the noisiest) where a latent pair starts: 0, or 1 on
+        a grid whose noisiest state has zero SNR (alpha = 0, pure noise). There the O-BELM step
+        after the first one does not depend on the noise (its leading coefficient is 0: the limit
+        of an infinite previous step), so it cannot be inverted; the pair is then the next two
+        states, and a regeneration from it makes N-2 model calls."""
+        self._check_steps(len(timesteps), pair_start)
+        self._pair_start = pair_start
         self._grid_ts = tuple(timesteps)
         self._grid_record = {"kind": self._grid_kind, **record}
         self.num_inference_steps = len(self._grid_ts)
@@ -213,6 +231,14 @@ class BELMSchedulerMixin(SchedulerMixin):
                 f"backend {backend!r} is not available on {self._device} (available: "
                 f"{available_backends(self._device)}); use backend='auto' or one of those")
         self._expose()
+
+    def _check_steps(self, n: int, pair_start: int = 0) -> None:
+        """Refuse a grid of ``n`` model calls that is too short for this scheduler."""
+        if n < self._min_steps + pair_start:
+            zero_snr = " after the zero-SNR state" if pair_start else ""
+            raise ValueError(f"{type(self).__name__} needs at least {self._min_steps + pair_start} "
+                             f"steps (an exact inversion ends with a pair of states{zero_snr}), "
+                             f"got {n}")
 
     def _expose(self) -> None:
         """Publish ``timesteps`` for the next run and reset the run state."""
@@ -479,13 +505,14 @@ class BELMSamplingMixin(BELMSchedulerMixin):
         self._offset = 0
         if pair is None:
             return list(self._grid_ts)
-        if len(self._grid_ts) < 2:
-            raise ValueError("a latent pair needs at least 2 timesteps")
+        start = self._pair_start + 1  # the state of x_T2, where the run starts
+        if len(self._grid_ts) < start + 1:
+            raise ValueError(f"a latent pair needs at least {start + 1} timesteps")
         mismatch = self._grid_mismatch(pair)
         if mismatch:
             raise ValueError(mismatch)
-        self._offset = 1
-        return list(self._grid_ts[1:])
+        self._offset = start
+        return list(self._grid_ts[start:])
 
     def _exposed_states(self) -> list[int]:
         """The grid states (0: the noisiest, N: the clean one) of the samples the published run
@@ -510,7 +537,7 @@ class BELMSamplingMixin(BELMSchedulerMixin):
             raise ValueError("the sample of the first step is not the x_T2 given to "
                              "set_latent_pair: pass latents=x_T2 to the pipeline (not x_T) "
                              "and keep num_inference_steps and the scheduler config of invert()")
-        return _Step(lincomb3_, "two", k + 1, x_T.to(sample.device), pair.state)
+        return _Step(lincomb3_, "two", k + self._offset, x_T.to(sample.device), pair.state)
 
     def _next_step(self, k):
         return _Step(lincomb3_, "two", k + self._offset)
@@ -527,16 +554,20 @@ class BELMInversionMixin(BELMSchedulerMixin):
     model evaluated on the clean latent at t_{N-1} (as diffusers' ``DDIMInverseScheduler`` does),
     each later one is the exact inverse of an O-BELM step, evaluating the model at its own state
     and timestep (so t_{N-1} appears twice and t_0 not at all). After the last step
-    ``latent_pair`` holds ``(x_T, x_T2)``; the last ``prev_sample`` is x_T.
+    ``latent_pair`` holds ``(x_T, x_T2)``; the last ``prev_sample`` is x_T. On a grid whose
+    noisiest state has zero SNR the inversion stops one state earlier (N-1 steps, ending at
+    t_2; see ``_set_grid``).
     """
+
+    _min_steps = 2
 
     def _exposed_timesteps(self) -> list:
         ts = self._grid_ts
-        return [ts[-1]] + list(ts[:0:-1])
+        return [ts[-1]] + list(ts[self._pair_start + 1:][::-1])
 
     def _exposed_states(self) -> list[int]:
-        """From the clean state N to the noisiest 0 (see ``BELMSamplingMixin._exposed_states``)."""
-        return list(range(len(self._grid_ts), -1, -1))
+        """From the clean state N to the pair's x_T (see ``BELMSamplingMixin._exposed_states``)."""
+        return list(range(len(self._grid_ts), self._pair_start - 1, -1))
 
     def _first_step(self, k, sample):
         if k != 0:
@@ -550,7 +581,7 @@ class BELMInversionMixin(BELMSchedulerMixin):
         return _Step(lincomb3_, "first_inverse", len(self._grid_ts) - 1, wide=start)
 
     def _next_step(self, k):
-        return _Step(lincomb3_inverse_, "two", len(self._ts_host) - k)
+        return _Step(lincomb3_inverse_, "two", len(self._grid_ts) - k)
 
     @property
     def latent_pair(self) -> LatentPair:
