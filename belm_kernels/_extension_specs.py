@@ -23,7 +23,7 @@ SPECS = {
     "cpu": ExtensionSpec(
         key="cpu",
         lib_name="belm_kernels_cpu",
-        sources=("lincomb3_cpu.cpp",),
+        sources=("lincomb_cpu.cpp",),
         dispatch_key="CPU",
         # -fopenmp: at::parallel_for is inline and parallel only when compiled with OpenMP; the
         # library then needs libgomp.so.1, the copy torch has already loaded.
@@ -34,7 +34,7 @@ SPECS = {
     "cuda": ExtensionSpec(
         key="cuda",
         lib_name="belm_kernels_cuda",
-        sources=("lincomb3_cuda.cu",),
+        sources=("lincomb_cuda.cu",),
         dispatch_key="CUDA",
         extra_cuda_cflags=("-O3", "-DUSE_CUDA", "-lineinfo"),
     ),

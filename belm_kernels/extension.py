@@ -1,6 +1,6 @@
-"""The compiled backends: "cpu" (C++ kernel, csrc/lincomb3_cpu.cpp) and "cuda" (CUDA C++ kernel,
-csrc/lincomb3_cuda.cu), both implementations of the op ``belm::lincomb3_ext`` whose schema
-belm_kernels.ops defines.
+"""The compiled backends: "cpu" (C++ kernel, csrc/lincomb_cpu.cpp) and "cuda" (CUDA C++ kernel,
+csrc/lincomb_cuda.cu), both implementations of the K-term op ``belm::lincomb_ext(out, x, terms,
+coef, inverse)`` whose schema belm_kernels.ops defines (its contract is ops.Backend.run's).
 
 The first time a backend is asked whether it can run, its library is loaded into the process, at
 most once per process (two loads of one library abort the interpreter), from the first of:
@@ -53,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-from . import ops  # defines the schema of belm::lincomb3_ext; must precede any library load
+from . import ops  # defines the schema of belm::lincomb_ext; must precede any library load
 from ._extension_specs import MIN_TORCH_FOR_CUDA, PREBUILT_INFO, SPECS, ExtensionSpec
 
 ENV_DISABLE = "BELM_KERNELS_NO_EXTENSION"
@@ -65,7 +65,7 @@ DEFAULT_BUILD_TIMEOUT = 1800.0
 # directory; the margin is for the CUDA one and the compiler's own files).
 MIN_FREE_BYTES = 64 * 2**20
 
-OP_NAME = "belm::lincomb3_ext"
+OP_NAME = "belm::lincomb_ext"
 PACKAGE_DIR = Path(__file__).resolve().parent
 AOT_FIX = ("reinstall belm-kernels built against this torch (`BELM_KERNELS_AOT=1 pip install "
            "--no-build-isolation belm-kernels`, see setup.py)")
@@ -563,12 +563,7 @@ class _ExtensionBackend:
         return _load(self.name)
 
     def run(self, out, x, terms, coef, inverse) -> None:
-        # Interim: the compiled kernel does the in-place three-term update; other updates run
-        # on the torch reference until the K-term kernels land.
-        if x is None and len(out) == 1 and len(terms) == 2 and terms[0].dtype == out[0].dtype:
-            torch.ops.belm.lincomb3_ext(out[0], terms[0], terms[1], coef, inverse)
-        else:
-            ops.torch_update(out, x, terms, coef, inverse)
+        torch.ops.belm.lincomb_ext.default(out, x, terms, coef, inverse)
 
 
 _BACKENDS = {

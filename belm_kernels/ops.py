@@ -514,7 +514,10 @@ _lib.define("lincomb_(Tensor(a!)[] out, Tensor? x, Tensor[] terms, Tensor coef, 
             "str backend) -> ()")
 _lib.define("lincomb(Tensor x, Tensor[] terms, Tensor coef, bool inverse, str backend, "
             "ScalarType? dtype) -> Tensor")
-_lib.define("lincomb3_ext(Tensor(a!) x, Tensor y, Tensor z, Tensor coef, bool inverse) -> ()")
+# The compiled kernels' op (csrc/lincomb_cpu.cpp, csrc/lincomb_cuda.cu; see extension.py): the
+# contract of Backend.run, with its own memory-safety checks for direct calls.
+_lib.define("lincomb_ext(Tensor(a!)[] out, Tensor? x, Tensor[] terms, Tensor coef, bool inverse) "
+            "-> ()")
 
 
 def _run(out, x, terms, coef, inverse, backend) -> None:
@@ -537,7 +540,8 @@ torch.library.register_fake(
     "belm::lincomb",
     lambda x, terms, coef, inverse, backend, dtype: torch.empty_like(
         x, dtype=dtype, memory_format=torch.contiguous_format), lib=_lib)
-torch.library.register_fake("belm::lincomb3_ext", lambda x, y, z, coef, inverse: None, lib=_lib)
+torch.library.register_fake("belm::lincomb_ext", lambda out, x, terms, coef, inverse: None,
+                            lib=_lib)
 
 
 # Backward of belm::lincomb. With s = sums over each coefficient row's elements and c_0 the

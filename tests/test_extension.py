@@ -1,14 +1,17 @@
 """The compiled extensions: the C++ CPU kernel, the CUDA C++ kernel and their loader.
 
-The generic per-backend correctness suite is tests/test_ops.py (it runs on the "cpu" and, with
-a GPU, "cuda" backends automatically). This file covers what is particular to the extensions:
+The generic per-backend correctness suites are tests/test_ops.py and tests/test_lincomb.py (they
+run on the "cpu" and, with a GPU, "cuda" backends automatically). This file covers what is
+particular to the extensions' op ``belm::lincomb_ext(out, x, terms, coef, inverse)``:
 
 * the CPU extension builds, registers its kernel and heads ``available_backends("cpu")``;
-* its results are the correctly rounded fused result (exact rational reference), identical
-  between its AVX-512, AVX2 and scalar code, between contiguous and strided layouts, and across
-  the thread chunks and per-sample rows of a large tensor;
-* direct calls through ``torch.ops.belm.lincomb3_ext`` validate their arguments;
-* the CUDA kernels' own code (csrc/lincomb3_cuda_kernels.cuh: path planning, coefficient rows,
+* its results are the correctly rounded fused result (exact rational reference), for 1 to 6
+  terms and 1 to 3 outputs, each operand in its own dtype; identical between its AVX-512, AVX2
+  and scalar code (for operands of one dtype, of one dtype but the last term, and of any mix),
+  between contiguous and strided layouts, and across the thread chunks and per-sample rows of a
+  large tensor;
+* direct calls through ``torch.ops.belm.lincomb_ext`` validate their arguments;
+* the CUDA kernels' own code (csrc/lincomb_cuda_kernels.cuh: path planning, coefficient rows,
   128-bit packs, tails, strided offsets, roundings) run on the host gives bit-identical results
   to the CPU extension, so the CUDA arithmetic is checked without a GPU (compiled by nvcc: without
   nvcc these tests skip, and fail where BELM_KERNELS_REQUIRE_NVCC=1, as in CI); what nvcc makes
@@ -51,20 +54,54 @@ REPO = Path(__file__).resolve().parent.parent
 CSRC = REPO / "csrc"
 HAS_CUDA = torch.cuda.is_available()
 NO_CUDA = "needs a CUDA device (torch.cuda.is_available() is False)"
-DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-DNAME = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32", torch.float64: "f64"}
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+DTYPES = (F16, BF16, F32, F64)
+DNAME = {F16: "f16", BF16: "bf16", F32: "f32", F64: "f64"}
 
 
-def ext_op(x, y, z, coef, inverse=False):
-    torch.ops.belm.lincomb3_ext(x, y, z, coef, inverse)
-    return x
+def ext_op(out, x, terms, coef, inverse=False):
+    """The raw op; returns the outputs."""
+    torch.ops.belm.lincomb_ext(out, x, terms, coef, inverse)
+    return out
+
+
+def signature_id(x_dtype, term_dtypes, out_dtypes) -> str:
+    outs = "in_place" if out_dtypes is None else ".".join(DNAME[d] for d in out_dtypes)
+    return f"x_{DNAME[x_dtype]}-t_{'.'.join(DNAME[d] for d in term_dtypes)}-o_{outs}"
+
+
+def make_operands(shape, x_dtype, term_dtypes, out_dtypes, per_sample, seed=0, inverse=False):
+    """(out, x, terms, coef) of the raw op. out_dtypes None: the in-place update (out = [x], x
+    None); else new outputs filled with NaN. coef in the compute dtype, (M, K+1) or (B, M, K+1),
+    leading coefficients away from 0 for the inverse."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(dtype):
+        return torch.randn(shape, generator=g).to(dtype)
+
+    x = rand(x_dtype)
+    terms = [rand(d) for d in term_dtypes]
+    m = 1 if out_dtypes is None else len(out_dtypes)
+    rows = (shape[0],) if per_sample else ()
+    coef = torch.rand(rows + (m, len(terms) + 1), generator=g, dtype=torch.float64) * 1.5 - 0.5
+    if inverse:
+        coef[..., 0] = coef[..., 0].abs() + 0.25
+    coef = coef.to(ops.compute_dtype(x_dtype))
+    if out_dtypes is None:
+        return [x], None, terms, coef
+    return [torch.full(shape, float("nan"), dtype=d) for d in out_dtypes], x, terms, coef
+
+
+def run_clone(out, x, terms, coef, inverse=False):
+    """The raw op on copies of the outputs (the in-place x included); returns them."""
+    return ext_op([o.clone() for o in out], x, terms, coef, inverse)
 
 
 @pytest.fixture(scope="module")
 def cpu_ext():
     reason = extension.get_backend("cpu").unavailable_reason(torch.device("cpu"))
     assert reason is None, f"the CPU extension did not build: {reason}"
-    return torch.ops.belm.lincomb3_ext
+    return torch.ops.belm.lincomb_ext
 
 
 def run_python(code: str, env: dict[str, str] | None = None, timeout: int = 600):
@@ -86,18 +123,16 @@ def run_python_with_stderr(code: str, env: dict[str, str] | None = None, timeout
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
 
-def make_inputs(shape, dtype, zdtype, per_sample, seed=0, inverse=False):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g).to(dtype)
-    y = torch.randn(shape, generator=g).to(dtype)
-    z = torch.randn(shape, generator=g).to(zdtype)
-    ct = ops.compute_dtype(dtype)
-    rows = shape[0] if per_sample else None
-    coef = torch.rand((rows, 3) if per_sample else (3,), generator=g, dtype=torch.float64)
-    coef = (coef * 1.5 - 0.5).to(ct)
-    if inverse:
-        coef[..., 0] = coef[..., 0].abs() + 0.25
-    return x, y, z, coef
+def _bits(t: torch.Tensor) -> np.ndarray:
+    view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.contiguous().view(view).numpy().copy()
+
+
+def assert_bits_equal(got, want, what=""):
+    assert len(got) == len(want), what
+    for m, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g.dtype == w.dtype and g.shape == w.shape, (what, m)
+        np.testing.assert_array_equal(_bits(g), _bits(w), err_msg=f"{what} output {m}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,14 +141,12 @@ def make_inputs(shape, dtype, zdtype, per_sample, seed=0, inverse=False):
 
 def test_cpu_extension_builds_and_is_preferred(cpu_ext):
     assert bk.available_backends("cpu")[0] == "cpu"
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("belm::lincomb3_ext", "CPU")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("belm::lincomb_ext", "CPU")
     assert extension.log_file("cpu").is_file()
-    x, y, z, coef = make_inputs((2, 5), torch.float32, torch.float32, False)
-    expected = ops.torch_backend
-    ref = x.clone()
-    expected.run(ref, y, z, coef, False)
-    out = bk.lincomb3_(x.clone(), y, z, coef)  # "auto" picks the extension
-    torch.testing.assert_close(out, ref)
+    out, _, terms, coef = make_operands((2, 5), F32, (F32, F16), None, False)
+    expected = run_clone(out, None, terms, coef)[0]
+    got = bk.lincomb3_(out[0].clone(), *terms, coef[0])  # "auto" picks the extension
+    assert torch.equal(got, expected)
 
 
 def test_build_reports_per_extension():
@@ -138,7 +171,8 @@ def test_cuda_backend_says_why_not_on_this_machine():
         torch.device("cpu"))
 
 
-# Exact reference: each operation computed in rationals and rounded once to the compute format.
+# Exact reference: each operation computed in rationals and rounded once to the compute format,
+# each output rounded once from it to its own format.
 
 def _round_binary(q: Fraction, mant_bits: int, min_exp: int) -> Fraction:
     """q rounded to nearest-even with mant_bits significant bits, min_exp the exponent of the
@@ -160,51 +194,89 @@ def _round_binary(q: Fraction, mant_bits: int, min_exp: int) -> Fraction:
     return sign * fl * ulp
 
 
-FORMATS = {torch.float32: (24, -126), torch.float64: (53, -1022)}
+FORMATS = {F16: (11, -14), BF16: (8, -126), F32: (24, -126), F64: (53, -1022)}
 
 
-def exact_reference(x, y, z, coef, inverse):
-    """The contract's arithmetic done exactly: compute-dtype roundings after every operation,
-    then one rounding to x's dtype."""
-    ct = ops.compute_dtype(x.dtype)
+def exact_reference(out_dtypes, first, terms, coef, inverse):
+    """The contract's arithmetic done exactly: inputs rounded to the compute dtype (float64 terms
+    of float32 math to nearest even), compute-dtype roundings after every operation, then one
+    rounding to each output's dtype."""
+    ct = ops.compute_dtype(first.dtype)
     r = lambda q: _round_binary(q, *FORMATS[ct])  # noqa: E731
-    out = []
-    rows = coef.reshape(-1, 3).tolist()
-    per = coef.dim() == 2
-    inner = x.numel() // (x.shape[0] if per else 1)
-    for i, (xv, yv, zv) in enumerate(zip(x.reshape(-1).tolist(), y.reshape(-1).tolist(),
-                                         z.to(ct).reshape(-1).tolist(), strict=True)):
-        a, b, c = (Fraction(v) for v in rows[i // inner if per else 0])
-        xv, yv, zv = Fraction(xv), Fraction(yv), Fraction(zv)
-        if inverse:
-            t = r(xv - b * yv)
-            t = r(t - c * zv)
-            t = r(t / a)
-        else:
-            t = r(a * xv)
-            t = r(b * yv + t)
-            t = r(c * zv + t)
-        out.append(float(t))
-    res = torch.tensor(out, dtype=torch.float64).to(ct)
-    return res.to(x.dtype).reshape(x.shape)
+    n_in, m_out = len(terms) + 1, len(out_dtypes)
+    table = coef.double().reshape(-1, m_out, n_in).tolist()
+    inner = first.numel() // len(table)
+    inputs = [t.to(ct).reshape(-1).tolist() for t in (first, *terms)]
+    values = [[] for _ in out_dtypes]
+    for i, elements in enumerate(zip(*inputs, strict=True)):
+        v = [Fraction(e) for e in elements]
+        for m, dtype in enumerate(out_dtypes):
+            c = [Fraction(e) for e in table[i // inner][m]]
+            if inverse:
+                acc = v[0]
+                for cj, tj in zip(c[1:], v[1:], strict=True):
+                    acc = r(acc - cj * tj)
+                acc = r(acc / c[0])
+            else:
+                acc = r(c[0] * v[0])
+                for cj, tj in zip(c[1:], v[1:], strict=True):
+                    acc = r(cj * tj + acc)
+            values[m].append(float(_round_binary(acc, *FORMATS[dtype])))
+    # Every value is representable in its dtype: the conversions below are exact.
+    return [torch.tensor(v, dtype=torch.float64).to(d).reshape(first.shape)
+            for v, d in zip(values, out_dtypes, strict=True)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DNAME.get)
-@pytest.mark.parametrize("zdtype", DTYPES, ids=DNAME.get)
+# Signatures (x dtype, term dtypes, output dtypes; None: in place): the three-term update for
+# every (x, last term) pair, then more terms, more outputs and their dtypes.
+THREE_TERM = [(x, (x, z), None) for x in DTYPES for z in DTYPES]
+MORE = [(F32, (F16,), None), (BF16, (F32, BF16, F64), None),
+        (F32, (F32, F16, BF16, F64, F32, F16), None), (F64, (F16, F32, BF16, F64, F16, F32), None),
+        (F32, (F16, F32), (F32, BF16)), (F16, (F16, F64, BF16), (F16, F32, F64)),
+        (F64, (F32, F16), (F16, BF16, F32)), (BF16, (BF16,) * 6, (BF16, BF16, BF16))]
+SIGNATURES = THREE_TERM + MORE
+
+
+def _params(signatures):
+    return [pytest.param(*s, id=signature_id(*s)) for s in signatures]
+
+
+@pytest.mark.parametrize("x_dtype,term_dtypes,out_dtypes", _params(SIGNATURES))
 @pytest.mark.parametrize("inverse", [False, True], ids=["forward", "inverse"])
-def test_cpu_is_correctly_rounded(cpu_ext, dtype, zdtype, inverse):
-    # 2 rows of 37: the vector body (16 and 8 lanes) and the scalar tail, per-sample rows.
-    x, y, z, coef = make_inputs((2, 37), dtype, zdtype, True, seed=1, inverse=inverse)
+def test_cpu_is_correctly_rounded(cpu_ext, x_dtype, term_dtypes, out_dtypes, inverse):
+    # 2 rows of 37: the vector bodies (16 and 8 lanes) and the scalar tails, per-sample rows.
+    out, x, terms, coef = make_operands((2, 37), x_dtype, term_dtypes, out_dtypes, True, seed=1,
+                                        inverse=inverse)
+    first = out[0] if x is None else x
     # Heavy cancellation in a few lanes: where a non-fused or twice-rounded result differs.
-    y[0, :5] = (x[0, :5].to(torch.float64) * 0.999).to(dtype)
-    expected = exact_reference(x, y, z, coef, inverse)
-    out = ext_op(x.clone(), y, z, coef, inverse)
-    assert torch.equal(out, expected), (out - expected).abs().max()
+    terms[0][0, :5] = (first[0, :5].double() * 0.999).to(terms[0].dtype)
+    expected = exact_reference([o.dtype for o in out], first, terms, coef, inverse)
+    assert_bits_equal(run_clone(out, x, terms, coef, inverse), expected)
 
 
-def _bits(t: torch.Tensor) -> np.ndarray:
-    view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
-    return t.contiguous().view(view).numpy().copy()
+def test_cpu_rounds_float64_results_once_to_16_bits(cpu_ext):
+    """float64 math into float16/bfloat16 outputs: values just above a tie between two 16-bit
+    numbers, which a rounding to float32 first would make the tie (and round to even). One
+    correct rounding is expected, by the vector and the scalar code (40 elements)."""
+    x = torch.tensor([1 + 2.0 ** -11 + 2.0 ** -40, 1 + 2.0 ** -8 + 2.0 ** -40] * 20, dtype=F64)
+    terms = [torch.zeros(40, dtype=F64)]
+    coef = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=F64)  # both outputs: x, exactly
+    out = ext_op([torch.empty(40, dtype=F16), torch.empty(40, dtype=BF16)], x, terms, coef)
+    once = [torch.tensor([1 + 2.0 ** -10, 1 + 2.0 ** -8] * 20, dtype=F16),
+            torch.tensor([1.0, 1 + 2.0 ** -7] * 20, dtype=BF16)]
+    twice = [x.float().to(F16), x.float().to(BF16)]
+    for got, want, wrong in zip(out, once, twice, strict=True):
+        assert torch.equal(got, want) and not torch.equal(got, wrong)
+    assert_bits_equal(out, exact_reference([F16, BF16], x, terms, coef, False))
+
+
+# Signatures for the bit-for-bit comparisons between code paths: one dtype everywhere, one dtype
+# but the last term (the two kinds with dtypes fixed at compile time), and mixes (read at run
+# time), float64 math into 16-bit outputs among them.
+PATH_SIGNATURES = [(F32, (F32, F32), None), (BF16, (BF16, BF16), None), (F16, (F16, F32), None),
+                   (F32, (F32, F16), None), (F64, (F64, BF16), None),
+                   (F32, (F16, BF16, F64), (F32, BF16)), (F64, (F32, F16), (F64, F16, BF16)),
+                   (F16, (F16,) * 6, (F16, F16, F16))]
 
 
 @pytest.mark.parametrize("isa", ["scalar", "avx2"])
@@ -213,38 +285,33 @@ def test_cpu_simd_and_scalar_code_agree_bitwise(cpu_ext, tmp_path, isa):
     the best available, AVX-512 where there is one); results must be bit-identical (large
     tensors: several threads, per-sample rows, vector bodies and tails)."""
     cases = []
-    for i, (dt, zt) in enumerate([(torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                  (torch.float32, torch.float16), (torch.float32, torch.float64),
-                                  (torch.float64, torch.bfloat16)]):
-        for inverse in (False, True):
-            x, y, z, coef = make_inputs((3, 70001), dt, zt, True, seed=10 + i, inverse=inverse)
+    for i, signature in enumerate(PATH_SIGNATURES):
+        for inverse in (False, True) if signature[2] is None else (False,):
+            operands = make_operands((3, 70001), *signature, True, seed=10 + i, inverse=inverse)
             path = tmp_path / f"case{len(cases)}.pt"
-            torch.save({"x": x, "y": y, "z": z, "coef": coef, "inverse": inverse}, path)
-            cases.append((path, ext_op(x.clone(), y, z, coef, inverse)))
+            torch.save({"operands": operands, "inverse": inverse}, path)
+            cases.append(run_clone(*operands, inverse))
     code = f"""
         import json, torch
         from belm_kernels import extension
         assert extension.get_backend("cpu").unavailable_reason(torch.device("cpu")) is None
         for i in range({len(cases)}):
             d = torch.load(r"{tmp_path}/case%d.pt" % i)
-            torch.ops.belm.lincomb3_ext(d["x"], d["y"], d["z"], d["coef"], d["inverse"])
-            torch.save(d["x"], r"{tmp_path}/out%d.pt" % i)
+            out, x, terms, coef = d["operands"]
+            torch.ops.belm.lincomb_ext(out, x, terms, coef, d["inverse"])
+            torch.save(out, r"{tmp_path}/out%d.pt" % i)
         print(json.dumps({{"ok": True}}))
     """
     run_python(code, env={"BELM_KERNELS_CPU_ISA": isa})
-    for i, (_, fast) in enumerate(cases):
-        slow = torch.load(tmp_path / f"out{i}.pt")
-        np.testing.assert_array_equal(_bits(fast), _bits(slow), err_msg=f"case {i}")
+    for i, fast in enumerate(cases):
+        assert_bits_equal(torch.load(tmp_path / f"out{i}.pt"), fast, f"case {i}")
 
 
-def _layouts(shape, dtype):
-    """(name, make) pairs: make(t) returns a tensor equal to t in the named memory layout."""
+def _layouts():
+    """name -> make(t): a tensor equal to t in the named memory layout."""
 
     def transposed(t):
         return t.transpose(-1, -2).contiguous().transpose(-1, -2)
-
-    def channels_last(t):
-        return t.contiguous(memory_format=torch.channels_last)
 
     def sliced(t):
         big = torch.zeros(t.shape[:-1] + (t.shape[-1] * 2,), dtype=t.dtype)
@@ -258,105 +325,152 @@ def _layouts(shape, dtype):
         view.copy_(t)
         return view
 
-    return [("contiguous", lambda t: t.clone()), ("transposed", transposed),
-            ("channels_last", channels_last), ("sliced", sliced), ("unaligned", unaligned)]
+    return {"contiguous": lambda t: t.clone(), "transposed": transposed,
+            "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+            "sliced": sliced, "unaligned": unaligned}
 
 
-@pytest.mark.parametrize("dtype,zdtype", [(torch.float16, torch.float32),
-                                          (torch.bfloat16, torch.float16),
-                                          (torch.float32, torch.float32),
-                                          (torch.float64, torch.float32)], ids=str)
+@pytest.mark.parametrize("x_dtype,term_dtypes,out_dtypes",
+                         _params([PATH_SIGNATURES[i] for i in (0, 2, 5, 6)]))
 @pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
-def test_cpu_layouts_match_contiguous_bitwise(cpu_ext, dtype, zdtype, per_sample):
-    shape = (3, 4, 9, 21)
-    x, y, z, coef = make_inputs(shape, dtype, zdtype, per_sample, seed=3)
-    expected = ext_op(x.clone(), y, z, coef)
-    for xname, xmake in _layouts(shape, dtype):
-        for yname, ymake in _layouts(shape, dtype):
-            xs = xmake(x)
-            before = xs.clone()
-            ext_op(xs, ymake(y), ymake(z), coef)
-            assert torch.equal(xs, expected), (xname, yname)
-            assert not torch.equal(xs, before)
+def test_cpu_layouts_match_contiguous_bitwise(cpu_ext, x_dtype, term_dtypes, out_dtypes,
+                                              per_sample):
+    """Every operand group (x, the terms, the outputs) in every layout: the strided path
+    (TensorIterator, its dense inner runs on the vector code) gives the contiguous bits, and
+    writes nothing outside the outputs' views."""
+    out, x, terms, coef = make_operands((3, 4, 9, 21), x_dtype, term_dtypes, out_dtypes,
+                                        per_sample, seed=3)
+    expected = run_clone(out, x, terms, coef)
+    layouts = _layouts()
+    for xname, xmake in layouts.items():
+        for tname, tmake in layouts.items():
+            # The outputs in the terms' layout; in place, x's layout is the output's.
+            got = [xmake(o) if x is None else tmake(o) for o in out]
+            ext_op(got, None if x is None else xmake(x), [tmake(t) for t in terms], coef)
+            assert_bits_equal(got, expected, f"x {xname}, terms/outputs {tname}")
+
+
+def test_cpu_strided_output_writes_only_its_view(cpu_ext):
+    out, x, terms, coef = make_operands((6, 33), F32, (F16, F32), (F32, BF16), True, seed=4)
+    expected = run_clone(out, x, terms, coef)
+    bases = [torch.full((12, 33), 7.0, dtype=o.dtype) for o in out]
+    ext_op([b[::2] for b in bases], x, terms, coef)
+    for b, e in zip(bases, expected, strict=True):
+        assert_bits_equal([b[::2]], [e])
+        assert (b[1::2] == 7).all()
 
 
 def test_cpu_large_tensor_row_and_chunk_boundaries(cpu_ext):
     # Rows of an odd length so the thread chunks (parallel_for) split inside rows.
     shape = (5, 200003)
-    x, y, z, coef = make_inputs(shape, torch.float32, torch.bfloat16, True, seed=4)
-    ref = x.clone()
-    ops.torch_backend.run(ref, y, z, coef, False)
-    out = ext_op(x.clone(), y, z, coef)
-    torch.testing.assert_close(out, ref, rtol=2e-6, atol=1e-5)
-    # Row by row against single-row calls with the row's coefficients broadcast.
+    out, x, terms, coef = make_operands(shape, F32, (BF16, F32), (F32, F16), True, seed=4)
+    got = run_clone(out, x, terms, coef)
+    # Row by row against single-row calls with the row's coefficients shared.
     for i in range(shape[0]):
-        row = ext_op(x[i].clone(), y[i], z[i], coef[i].contiguous())
-        assert torch.equal(out[i], row)
+        row = ext_op([o[i].clone() for o in out], x[i], [t[i] for t in terms],
+                     coef[i].contiguous())
+        assert_bits_equal([g[i] for g in got], row, f"row {i}")
 
 
 def test_cpu_coef_any_float_dtype_and_layout(cpu_ext):
-    x, y, z, coef = make_inputs((4, 33), torch.float32, torch.float32, True, seed=5)
-    expected = ext_op(x.clone(), y, z, coef)
-    wide = torch.zeros(4, 6, dtype=torch.float64)
-    wide[:, ::2] = coef.double()
-    assert torch.equal(ext_op(x.clone(), y, z, wide[:, ::2]), expected)
+    out, x, terms, coef = make_operands((4, 33), F32, (F32, F16), (F32, F32), True, seed=5)
+    expected = run_clone(out, x, terms, coef)
+    wide = torch.zeros(4, 2, 6, dtype=F64)
+    wide[..., ::2] = coef.double()
+    assert_bits_equal(run_clone(out, x, terms, wide[..., ::2]), expected)
+    # Size-1 dimensions may be left out: (B, K+1) for one output, (K+1,) shared.
+    out1, x1, terms1, coef1 = make_operands((4, 33), F32, (F16,), None, True, seed=6)
+    assert_bits_equal(run_clone(out1, x1, terms1, coef1[:, 0]),
+                      run_clone(out1, x1, terms1, coef1))
+    assert_bits_equal(run_clone(out1, x1, terms1, coef1[0, 0]),
+                      run_clone(out1, x1, terms1, coef1[:1].expand(4, 1, 2).contiguous()))
 
 
 def test_cpu_empty_and_zero_dim(cpu_ext):
     e = torch.empty(0, 4)
-    ext_op(e, e.clone(), e.clone(), torch.ones(3))
-    ext_op(e, e.clone(), e.clone(), torch.ones(0, 3))
+    ext_op([e], None, [e.clone(), e.clone()], torch.ones(3))
+    ext_op([e.clone(), e.clone()], e, [e.clone()], torch.ones(0, 2, 2))
     x = torch.tensor(2.0)
-    ext_op(x, torch.tensor(3.0), torch.tensor(5.0, dtype=torch.float16), torch.tensor([1.0, 2, 3]))
-    assert x.item() == 2 + 6 + 15
+    out = [torch.tensor(0.0), torch.tensor(0.0, dtype=F16)]
+    ext_op(out, x, [torch.tensor(3.0), torch.tensor(5.0, dtype=F16)],
+           torch.tensor([[1.0, 2, 3], [0.5, 0, 1]]))
+    assert out[0].item() == 2 + 6 + 15 and out[1].item() == 1 + 5
 
 
 def _bad_cases():
-    x = torch.randn(2, 8)
-    ok = dict(x=x, y=torch.randn(2, 8), z=torch.randn(2, 8), coef=torch.ones(3), inverse=False)
+    """(name, call(), message regex): each raises before anything is written."""
+    x, y, z = torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 8)
+    o = torch.randn(2, 8)
+    c2 = torch.ones(3)
     exp = torch.randn(1, 8).expand(2, 8)
     base = torch.randn(32)
-    yield "y shape", {**ok, "y": torch.randn(2, 7)}, "y must have x's shape"
-    yield "z shape", {**ok, "z": torch.randn(8, 2)}, "z must have x's shape"
-    yield "y dtype", {**ok, "y": torch.randn(2, 8, dtype=torch.float64)}, "y must have x's dtype"
-    yield "x int", {**ok, "x": torch.ones(2, 8, dtype=torch.int32),
-                    "y": torch.ones(2, 8, dtype=torch.int32)}, "x must be float16"
-    yield "z int", {**ok, "z": torch.ones(2, 8, dtype=torch.int64)}, "z must be float16"
-    yield "coef shape", {**ok, "coef": torch.ones(4)}, "coef must have shape"
-    yield "coef rows", {**ok, "coef": torch.ones(3, 3)}, "coef must have shape"
-    yield "coef int", {**ok, "coef": torch.ones(3, dtype=torch.int64)}, "coef must be a float"
-    yield "x expanded", {**ok, "x": exp}, "more than one element"
-    yield "x is y", {**ok, "y": x}, "refer to a single memory location"
-    yield "x overlaps z", {**ok, "x": base[:16].view(2, 8), "z": base[8:24].view(2, 8)}, \
+    int16 = torch.ones(2, 8, dtype=torch.int16)
+    yield "no outputs", lambda: ext_op([], x, [y], torch.ones(2)), "out must hold 1 to 3"
+    yield "four outputs", lambda: ext_op([o] * 4, x, [y], torch.ones(4, 2)), "out must hold 1 to 3"
+    yield "no terms", lambda: ext_op([o], x, [], torch.ones(1)), "terms must hold 1 to 6"
+    yield "seven terms", lambda: ext_op([o], x, [y] * 7, torch.ones(8)), "terms must hold 1 to 6"
+    yield "term shape", lambda: ext_op([x], None, [y, torch.randn(2, 7)], c2), \
+        r"terms\[1\] must have x's shape"
+    yield "out shape", lambda: ext_op([o, torch.randn(8, 2)], x, [y], torch.ones(2, 2)), \
+        r"out\[1\] must have x's shape"
+    yield "x int", lambda: ext_op([int16], None, [y, z], c2), r"out\[0\] \(x, updated in " \
+        r"place\) must be float16"
+    yield "term int", lambda: ext_op([x], None, [y, int16], c2), r"terms\[1\] must be float16"
+    yield "out int", lambda: ext_op([int16], x, [y], torch.ones(2)), r"out\[0\] must be float16"
+    yield "coef shape", lambda: ext_op([x], None, [y, z], torch.ones(4)), "coef must hold"
+    yield "coef rows", lambda: ext_op([x], None, [y, z], torch.ones(3, 3)), "coef must hold"
+    yield "coef per output", lambda: ext_op([o, o.clone()], x, [y, z], c2), "coef must hold"
+    yield "coef int", lambda: ext_op([x], None, [y, z], torch.ones(3, dtype=torch.int64)), \
+        "coef must be a float"
+    yield "x expanded", lambda: ext_op([exp], None, [y, z], c2), "more than one element"
+    yield "out expanded", lambda: ext_op([exp], x, [y], torch.ones(2)), "more than one element"
+    yield "x is a term", lambda: ext_op([x], None, [x, z], c2), "single memory location"
+    yield "out overlaps a term", lambda: ext_op([base[:16].view(2, 8)], x,
+                                                [base[8:24].view(2, 8)], torch.ones(2)), \
         "single memory location"
-    yield "coef in x", {**ok, "coef": x[0, :3]}, "single memory location"
+    yield "out is x", lambda: ext_op([x], x, [y], torch.ones(2)), "single memory location"
+    yield "outputs overlap", lambda: ext_op([o, o], x, [y], torch.ones(2, 2)), \
+        "single memory location"
+    yield "coef in out", lambda: ext_op([x], None, [y, z], x[0, :3]), "single memory location"
 
 
 BAD_CASES = list(_bad_cases())
 
 
-@pytest.mark.parametrize("name,kwargs,match", BAD_CASES, ids=[c[0] for c in BAD_CASES])
-def test_cpu_direct_call_validates(cpu_ext, name, kwargs, match):
-    x = kwargs["x"]
-    before = x.clone()
+@pytest.mark.parametrize("name,call,match", BAD_CASES, ids=[c[0] for c in BAD_CASES])
+def test_cpu_direct_call_validates(cpu_ext, name, call, match):
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.belm.lincomb3_ext(kwargs["x"], kwargs["y"], kwargs["z"], kwargs["coef"],
-                                    kwargs["inverse"])
-    assert torch.equal(x, before)
+        call()
+
+
+def test_cpu_direct_call_writes_nothing_before_failing(cpu_ext):
+    """The checks run before any write: a call whose second output is bad leaves the first and
+    the in-place x untouched."""
+    x, y = torch.randn(2, 8), torch.randn(2, 8)
+    first, x0 = torch.randn(2, 8), x.clone()
+    kept = first.clone()
+    with pytest.raises(RuntimeError, match=r"out\[1\] must have x's shape"):
+        ext_op([first, torch.randn(8, 2)], x, [y], torch.ones(2, 2))
+    with pytest.raises(RuntimeError, match=r"terms\[1\] must be float16"):
+        ext_op([x], None, [y, torch.ones(2, 8, dtype=torch.int32)], torch.ones(3))
+    assert torch.equal(first, kept) and torch.equal(x, x0)
 
 
 def test_cpu_raw_inverse_with_zero_leading_coefficient_gives_inf(cpu_ext):
     # Not a memory-safety matter: the raw op computes (x - b*y - c*z) / 0 like the CUDA kernel;
     # the public functions reject it where coef is on the CPU (tests/test_ops.py).
     x = torch.ones(2, 8)
-    ext_op(x, torch.zeros(2, 8), torch.zeros(2, 8), torch.tensor([0.0, 1, 1]), inverse=True)
+    ext_op([x], None, [torch.zeros(2, 8), torch.zeros(2, 8)], torch.tensor([0.0, 1, 1]),
+           inverse=True)
     assert torch.isinf(x).all()
 
 
 def test_cpu_op_passes_opcheck(cpu_ext):
-    x, y, z, coef = make_inputs((2, 3, 8), torch.float32, torch.float16, True, seed=6)
-    torch.library.opcheck(torch.ops.belm.lincomb3_ext.default, (x, y, z, coef, False))
-    torch.library.opcheck(torch.ops.belm.lincomb3_ext.default, (x, y, z, coef.abs() + 1, True))
+    out, x, terms, coef = make_operands((2, 3, 8), F32, (F16, F32, BF16), (F32, BF16), True,
+                                        seed=6)
+    torch.library.opcheck(torch.ops.belm.lincomb_ext.default, (out, x, terms, coef, False))
+    out, x, terms, coef = make_operands((2, 3, 8), F32, (F16,), None, True, seed=7, inverse=True)
+    torch.library.opcheck(torch.ops.belm.lincomb_ext.default, (out, x, terms, coef, True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,7 +479,9 @@ def test_cpu_op_passes_opcheck(cpu_ext):
 
 HARNESS = r"""
 // Host-only driver: runs belm_cuda's planning and per-element/per-pack kernel code on the CPU.
-#include "lincomb3_cuda_kernels.cuh"
+// Per case directory: meta.txt, one buffer file per operand (in<j>.bin, out<m>.bin; in place:
+// out 0 is in 0) and coef.bin; writes result.txt and out<m>_result.bin.
+#include "lincomb_cuda_kernels.cuh"
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -383,35 +499,54 @@ static char* aligned_copy(const std::vector<char>& v) {
   std::copy(v.begin(), v.end(), p);
   return p;
 }
-static int esize(int t) { return t == 0 || t == 1 ? 2 : t == 2 ? 4 : 8; }
 
 int main(int argc, char** argv) {
   for (int c = 1; c < argc; ++c) {
     std::string dir = argv[c];
     std::ifstream meta(dir + "/meta.txt");
-    int xt, zt, per_sample, inverse, ndim;
-    meta >> xt >> zt >> per_sample >> inverse >> ndim;
-    std::vector<int64_t> sizes(ndim), sx(ndim), sy(ndim), sz(ndim);
+    int nin, nout, per_sample, inverse, in_place, ndim;
+    meta >> nin >> nout >> per_sample >> inverse >> in_place >> ndim;
+    const int nops = nin + nout;
+    std::vector<int> dt(nops);
+    for (auto& v : dt) meta >> v;
+    std::vector<int64_t> sizes(ndim), strides(static_cast<size_t>(nops) * ndim), offs(nops);
     for (auto& v : sizes) meta >> v;
-    for (auto& v : sx) meta >> v;
-    for (auto& v : sy) meta >> v;
-    for (auto& v : sz) meta >> v;
-    int64_t ox, oy, oz;
-    meta >> ox >> oy >> oz;
-    std::vector<char> xb = read_file(dir + "/x.bin"), yb = read_file(dir + "/y.bin"),
-                      zb = read_file(dir + "/z.bin"), cb = read_file(dir + "/coef.bin");
-    char *xp = aligned_copy(xb), *yp = aligned_copy(yb), *zp = aligned_copy(zb),
-         *cp = aligned_copy(cb);
+    for (auto& v : strides) meta >> v;
+    for (auto& v : offs) meta >> v;
+    std::vector<std::vector<char>> files(nops);
+    std::vector<char*> bufs(nops);
+    for (int k = 0; k < nops; ++k) {
+      if (in_place && k == nin) {  // out 0 is x
+        bufs[k] = bufs[0];
+        continue;
+      }
+      files[k] = read_file(dir + (k < nin ? "/in" + std::to_string(k)
+                                          : "/out" + std::to_string(k - nin)) + ".bin");
+      bufs[k] = aligned_copy(files[k]);
+    }
+    char* cp = aligned_copy(read_file(dir + "/coef.bin"));
     Problem pr{};
-    pr.xt = static_cast<DType>(xt);
-    pr.zt = static_cast<DType>(zt);
-    pr.x = xp + ox * esize(xt);
-    pr.y = yp + oy * esize(xt);
-    pr.z = zp + oz * esize(zt);
+    pr.ops.nin = nin;
+    pr.nout = nout;
+    pr.ct = dt[0] == 3 ? DType::kDouble : DType::kFloat;
     pr.coef = cp;
     pr.per_sample = per_sample;
     pr.inverse = inverse;
-    const char* err = plan(&pr, ndim, sizes.data(), sx.data(), sy.data(), sz.data());
+    std::vector<const int64_t*> slot_strides(kMaxOperands, nullptr);
+    for (int k = 0; k < nops; ++k) {
+      const DType t = static_cast<DType>(dt[k]);
+      char* p = bufs[k] + offs[k] * dtype_size(t);
+      const int slot = k < nin ? k : output_slot(k - nin);
+      slot_strides[slot] = strides.data() + static_cast<size_t>(k) * ndim;
+      if (k < nin) {
+        pr.ops.in[k] = p;
+        pr.ops.in_t[k] = t;
+      } else {
+        pr.ops.out[k - nin] = p;
+        pr.ops.out_t[k - nin] = t;
+      }
+    }
+    const char* err = plan(&pr, ndim, sizes.data(), slot_strides.data());
     std::ofstream res(dir + "/result.txt");
     if (err) {
       res << "error " << err << "\n";
@@ -421,14 +556,19 @@ int main(int argc, char** argv) {
     const char* path = pr.path == Path::kRowsVec ? "rows_vec" : pr.path == Path::kRows ? "rows"
                                                                                       : "strided";
     res << "ok path=" << path << " ndim=" << pr.layout.ndim << " rows=" << pr.rows
-        << " inner=" << pr.inner << "\n";
-    std::ofstream(dir + "/x_out.bin", std::ios::binary).write(xp, xb.size());
+        << " inner=" << pr.inner << " pack=" << pr.pack << "\n";
+    for (int m = 0; m < nout; ++m) {
+      const int k = nin + m;
+      const size_t size = in_place && m == 0 ? files[0].size() : files[k].size();
+      std::ofstream(dir + "/out" + std::to_string(m) + "_result.bin", std::ios::binary)
+          .write(bufs[k], size);
+    }
   }
   return 0;
 }
 """
 
-DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+DTYPE_CODE = {F16: 0, BF16: 1, F32: 2, F64: 3}
 
 
 @pytest.fixture(scope="module")
@@ -455,58 +595,82 @@ def _storage_view(t: torch.Tensor, offset_elems: int = 0):
 
 
 def _run_harness(exe, tmp_path, cases):
-    """cases: list of (x, y, z, coef, inverse, offsets). Returns per case (result line, x buffer
-    after the host run, x buffer after the CPU extension)."""
+    """cases: (out, x, terms, coef, inverse, offsets) with offsets[k] the element offset of
+    operand k (inputs x/out[0], terms..., then outputs) in a fresh buffer of its own. Returns per
+    case (result line, output buffers after the host run, output buffers after the CPU
+    extension on the same layout)."""
     dirs, expected = [], []
-    for k, (x, y, z, coef, inverse, offs) in enumerate(cases):
-        d = tmp_path / f"case{k}"
+    for n, (out, x, terms, coef, inverse, offsets) in enumerate(cases):
+        d = tmp_path / f"case{n}"
         d.mkdir()
-        bufs = []
-        for t, off, name in ((x, offs[0], "x"), (y, offs[1], "y"), (z, offs[2], "z")):
-            buf, view = _storage_view(t, off)
-            bufs.append((buf, view))
+        in_place = x is None
+        inputs = [out[0] if in_place else x, *terms]
+        operands = inputs + out
+        views = {}
+        for k, t in enumerate(operands):
+            if in_place and k == len(inputs):
+                views[k] = views[0]
+                continue
+            buf, view = _storage_view(t, offsets[k])
+            views[k] = (buf, view)
+            name = f"in{k}" if k < len(inputs) else f"out{k - len(inputs)}"
             (d / f"{name}.bin").write_bytes(_bits(buf).tobytes())
         (d / "coef.bin").write_bytes(coef.contiguous().numpy().tobytes())
-        meta = [DTYPE_CODE[x.dtype], DTYPE_CODE[z.dtype], int(coef.dim() == 2), int(inverse),
-                x.dim(), *x.shape, *bufs[0][1].stride(), *bufs[1][1].stride(),
-                *bufs[2][1].stride(), *offs]
+        first = views[0][1]
+        per_sample = coef.numel() > len(out) * len(inputs)
+        meta = [len(inputs), len(out), int(per_sample), int(inverse), int(in_place), first.dim(),
+                *(DTYPE_CODE[t.dtype] for t in operands), *first.shape,
+                *(s for k in range(len(operands)) for s in views[k][1].stride()), *offsets]
         (d / "meta.txt").write_text(" ".join(map(str, meta)))
-        xbuf = bufs[0][0].clone()
-        xview = xbuf.as_strided(x.shape, bufs[0][1].stride(), offs[0])
-        ext_op(xview, bufs[1][1], bufs[2][1], coef, inverse)
-        expected.append(xbuf)
+        # The CPU extension on copies of the same buffers and views.
+        bufs = [views[k][0].clone() for k in range(len(operands))]
+        if in_place:
+            bufs[len(inputs)] = bufs[0]
+        as_view = [b.as_strided(views[k][1].shape, views[k][1].stride(), offsets[k])
+                   for k, b in enumerate(bufs)]
+        ext_op(as_view[len(inputs):], None if in_place else as_view[0],
+               as_view[1:len(inputs)], coef, inverse)
+        expected.append([_bits(b) for b in bufs[len(inputs):]])
         dirs.append(str(d))
     proc = subprocess.run([str(exe), *dirs], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     results = []
-    for d, xbuf in zip(dirs, expected, strict=True):
+    for d, want in zip(dirs, expected, strict=True):
         line = Path(d, "result.txt").read_text().strip()
-        out = None
+        got = None
         if line.startswith("ok"):
-            raw = np.frombuffer(Path(d, "x_out.bin").read_bytes(), dtype=_bits(xbuf).dtype)
-            out = raw.copy()
-        results.append((line, out, _bits(xbuf)))
+            got = [np.frombuffer(Path(d, f"out{m}_result.bin").read_bytes(), dtype=w.dtype)
+                   for m, w in enumerate(want)]
+        results.append((line, got, want))
     return results
 
 
 def _cuda_cases():
-    """(id, shape, x/y/z layouts, offsets, per_sample, expected path)."""
-    yield "aligned", (3, 37), ("c", "c", "c"), (0, 0, 0), False, "path=rows_vec rows=1"
-    # Per-sample rows of 2056 elements: at least 256 packs for every dtype, a whole number of
-    # packs (8, 4 or 2 elements), so no tail; 2051 breaks the packs.
-    yield "long_rows", (3, 2056), ("c", "c", "c"), (0, 0, 0), True, "path=rows_vec rows=3"
-    yield "long_rows_not_pack_multiple", (3, 2051), ("c", "c", "c"), (0, 0, 0), True, \
+    """(id, shape, layouts of x / terms / outputs, offsets of x / first term / first output,
+    per_sample, expected path)."""
+    c = ("c", "c", "c")
+    yield "aligned", (3, 37), c, (0, 0, 0), False, "path=rows_vec rows=1"
+    # Per-sample rows of 2056 elements: at least 256 packs for every pack length, a whole number
+    # of packs (8, 4 or 2 elements), so no tail; 2051 breaks the packs.
+    yield "long_rows", (3, 2056), c, (0, 0, 0), True, "path=rows_vec rows=3"
+    yield "long_rows_not_pack_multiple", (3, 2051), c, (0, 0, 0), True, \
         "path=rows rows=3 inner=2051"
-    yield "long_rows_unaligned_z", (2, 2056), ("c", "c", "c"), (0, 0, 3), True, "path=rows rows=2"
-    yield "short_rows", (4, 64), ("c", "c", "c"), (0, 0, 0), True, "path=strided ndim=1"
-    yield "unaligned_x", (2, 45), ("c", "c", "c"), (1, 0, 0), False, "path=rows rows=1"
+    yield "long_rows_unaligned_term", (2, 2056), c, (0, 3, 0), True, "path=rows rows=2"
+    yield "short_rows", (4, 64), c, (0, 0, 0), True, "path=strided ndim=1"
+    yield "unaligned_x", (2, 45), c, (1, 0, 0), False, "path=rows rows=1"
+    yield "unaligned_output", (2, 45), c, (0, 0, 5), False, "path=rows rows=1"
     yield "transposed_x", (6, 10), ("t", "c", "c"), (0, 0, 0), True, "path=strided ndim=2"
-    yield "strided_yz", (2, 3, 4, 5), ("c", "t", "s"), (0, 2, 1), True, "path=strided"
+    yield "strided_terms", (2, 3, 4, 5), ("c", "t", "s"), (0, 2, 1), True, "path=strided"
+    yield "sliced_outputs", (2, 3, 4, 5), ("c", "c", "s"), (0, 0, 0), False, "path=strided"
     # NHWC strides (60, 1, 15, 3): W merges into H, C stays apart -> 3 dimensions.
     yield "channels_last", (2, 3, 4, 5), ("cl", "cl", "cl"), (0, 0, 0), True, \
         "path=strided ndim=3"
-    yield "one_element", (1,), ("c", "c", "c"), (0, 0, 0), False, "path=rows_vec"
-    yield "zero_dim", (), ("c", "c", "c"), (0, 0, 0), False, "path=rows_vec"
+    yield "one_element", (1,), c, (0, 0, 0), False, "path=rows_vec"
+    yield "zero_dim", (), c, (0, 0, 0), False, "path=rows_vec"
+
+
+# Cases about the outputs' own layout (in place, the output is x).
+OUTPUT_CASES = {"unaligned_output", "sliced_outputs"}
 
 
 def _layout(t, kind):
@@ -521,37 +685,74 @@ def _layout(t, kind):
     return t.contiguous()
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DNAME.get)
-@pytest.mark.parametrize("zdtype", DTYPES, ids=DNAME.get)
+def _laid_out(operands, layouts, offsets_of_groups):
+    """The operands of a case in its layouts, and every operand's buffer offset."""
+    out, x, terms, coef = operands
+    lx, lt, lo = layouts
+    ox, ot, oo = offsets_of_groups
+    if x is None:  # in place: x's layout and offset are out[0]'s
+        out = [_layout(out[0], lx)]
+        terms = [_layout(t, lt) for t in terms]
+        offsets = [ox] + [ot if k == 0 else 0 for k in range(len(terms))] + [ox]
+        return (out, None, terms, coef), offsets
+    x = _layout(x, lx)
+    terms = [_layout(t, lt) for t in terms]
+    out = [_layout(o, lo) for o in out]
+    offsets = ([ox] + [ot if k == 0 else 0 for k in range(len(terms))]
+               + [oo if m == 0 else 0 for m in range(len(out))])
+    return (out, x, terms, coef), offsets
+
+
+# The harness signatures: every three-term pair, more terms, more outputs (float64 math into
+# 16-bit outputs among them: packs of 8 doubles).
+HARNESS_SIGNATURES = THREE_TERM + [MORE[i] for i in (2, 3, 4, 5, 6)]
+
+
+@pytest.mark.parametrize("x_dtype,term_dtypes,out_dtypes", _params(HARNESS_SIGNATURES))
 def test_cuda_kernel_code_on_host_matches_cpu_extension(cpu_ext, cuda_host_harness, tmp_path,
-                                                        dtype, zdtype):
+                                                        x_dtype, term_dtypes, out_dtypes):
     cases, ids = [], []
-    for case_id, shape, layouts, offs, per_sample, path in _cuda_cases():
-        for inverse in (False, True):
-            x, y, z, coef = make_inputs(shape, dtype, zdtype, per_sample and len(shape) > 0,
-                                        seed=len(cases), inverse=inverse)
-            x, y, z = (_layout(t, k) for t, k in zip((x, y, z), layouts, strict=True))
-            cases.append((x, y, z, coef, inverse, offs))
+    for case_id, shape, layouts, offsets, per_sample, path in _cuda_cases():
+        if out_dtypes is None and case_id in OUTPUT_CASES:
+            continue
+        for inverse in (False, True) if out_dtypes is None else (False,):
+            operands = make_operands(shape, x_dtype, term_dtypes, out_dtypes,
+                                     per_sample and len(shape) > 0, seed=len(cases),
+                                     inverse=inverse)
+            (out, x, terms, coef), offs = _laid_out(operands, layouts, offsets)
+            cases.append((out, x, terms, coef, inverse, offs))
             ids.append((case_id, inverse, path))
-    for (case_id, inverse, path), (line, out, expected) in zip(
+    for (case_id, inverse, path), (line, got, want) in zip(
             ids, _run_harness(cuda_host_harness, tmp_path, cases), strict=True):
         assert line.startswith("ok"), (case_id, line)
         for part in path.split():
             assert part in line, (case_id, line)
-        np.testing.assert_array_equal(out, expected, err_msg=f"{case_id} inverse={inverse}")
+        for m, (g, w) in enumerate(zip(got, want, strict=True)):
+            np.testing.assert_array_equal(g, w, err_msg=f"{case_id} inverse={inverse} out {m}")
+
+
+def test_cuda_plan_pack_length(cpu_ext, cuda_host_harness, tmp_path):
+    """P is 16 bytes of the narrowest of x and the outputs, whatever the terms."""
+    cases = []
+    for signature in [(F32, (F16,), None), (F64, (F16,), None), (F16, (F64,), None),
+                      (F64, (F32,), (F64, F32)), (F32, (F64,), (F64, BF16))]:
+        operands = make_operands((2, 64), *signature, False)
+        cases.append((*operands, False, [0] * (len(operands[2]) + 1 + len(operands[0]))))
+    lines = [line for line, _, _ in _run_harness(cuda_host_harness, tmp_path, cases)]
+    assert [line.split("pack=")[1] for line in lines] == ["4", "2", "8", "4", "8"], lines
 
 
 def test_cuda_plan_rejects_too_many_strided_dims(cpu_ext, cuda_host_harness, tmp_path):
     shape = (2,) * 9
-    x, y, z, coef = make_inputs(shape, torch.float32, torch.float32, False)
-    x = x.permute(*reversed(range(9))).contiguous().permute(*reversed(range(9)))
+    out, _, terms, coef = make_operands(shape, F32, (F32, F32), None, False)
+    x = out[0].permute(*reversed(range(9))).contiguous().permute(*reversed(range(9)))
     ok = x[..., :1]  # the size-1 dimension is dropped: 8 strided dimensions remain
     results = _run_harness(cuda_host_harness, tmp_path, [
-        (x, y, z, coef, False, (0, 0, 0)),
-        (ok, y[..., :1].contiguous(), z[..., :1].contiguous(), coef, False, (0, 0, 0))])
+        ([x], None, terms, coef, False, [0, 0, 0, 0]),
+        ([ok], None, [t[..., :1].contiguous() for t in terms], coef, False, [0, 0, 0, 0])])
     assert results[0][0].startswith("error") and "at most 8 strided" in results[0][0]
     assert results[1][0].startswith("ok path=strided ndim=8"), results[1][0]
-    np.testing.assert_array_equal(results[1][1], results[1][2])
+    np.testing.assert_array_equal(results[1][1][0], results[1][2][0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -603,7 +804,7 @@ def assert_falls_back(result, *cause):
 def test_build_failure_warns_once_and_falls_back(tmp_path):
     broken = tmp_path / "csrc"
     shutil.copytree(CSRC, broken)
-    src = broken / "lincomb3_cpu.cpp"
+    src = broken / "lincomb_cpu.cpp"
     src.write_text(src.read_text() + "\n#error deliberately broken for the fallback test\n")
     result, stderr = run_python_with_stderr(
         FALLBACK_SCRIPT, env={"BELM_KERNELS_CSRC_DIR": str(broken),
@@ -824,70 +1025,105 @@ def cuda_ext():
         pytest.skip(NO_CUDA)
     reason = extension.get_backend("cuda").unavailable_reason(torch.device("cuda"))
     assert reason is None, f"the CUDA extension did not build: {reason}"
-    return torch.ops.belm.lincomb3_ext
+    return torch.ops.belm.lincomb_ext
 
 
 @pytest.mark.gpu
 def test_cuda_extension_loads_and_is_preferred(cuda_ext):
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("belm::lincomb3_ext", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("belm::lincomb_ext", "CUDA")
     assert bk.available_backends("cuda")[0] == "cuda"
 
 
+def _placed(out, x, terms, offsets, device):
+    """The operands copied into fresh buffers on ``device`` with their layouts and buffer
+    offsets (in place: out[0] is x); returns (out views, x view or None, term views, output
+    buffers)."""
+    in_place = x is None
+    inputs = [out[0] if in_place else x, *terms]
+    views, buffers = [], []
+    for k, t in enumerate(inputs + out):
+        if in_place and k == len(inputs):
+            views.append(views[0])
+            buffers.append(buffers[0])
+            continue
+        buf, view = _storage_view(t, offsets[k])
+        buf = buf.to(device)
+        buffers.append(buf)
+        views.append(buf.as_strided(view.shape, view.stride(), offsets[k]))
+    n = len(inputs)
+    return views[n:], None if in_place else views[0], views[1:n], buffers[n:]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=DNAME.get)
-@pytest.mark.parametrize("zdtype", DTYPES, ids=DNAME.get)
-def test_cuda_matches_cpu_extension_bitwise(cpu_ext, cuda_ext, dtype, zdtype):
-    for case_id, shape, layouts, offs, per_sample, _ in _cuda_cases():
-        for inverse in (False, True):
-            x, y, z, coef = make_inputs(shape, dtype, zdtype, per_sample and len(shape) > 0,
-                                        seed=7, inverse=inverse)
-            x, y, z = (_layout(t, k) for t, k in zip((x, y, z), layouts, strict=True))
-            bufs = [_storage_view(t, o) for t, o in zip((x, y, z), offs, strict=True)]
-            expected = ext_op(bufs[0][1].clone(), bufs[1][1], bufs[2][1], coef, inverse)
-            gbufs = [b.cuda() for b, _ in bufs]
-            gviews = [g.as_strided(v.shape, v.stride(), o)
-                      for g, (_, v), o in zip(gbufs, bufs, offs, strict=True)]
-            ext_op(gviews[0], gviews[1], gviews[2], coef.cuda(), inverse)
+@pytest.mark.parametrize("x_dtype,term_dtypes,out_dtypes", _params(HARNESS_SIGNATURES))
+def test_cuda_matches_cpu_extension_bitwise(cpu_ext, cuda_ext, x_dtype, term_dtypes, out_dtypes):
+    for case_id, shape, layouts, offsets, per_sample, _ in _cuda_cases():
+        if out_dtypes is None and case_id in OUTPUT_CASES:
+            continue
+        for inverse in (False, True) if out_dtypes is None else (False,):
+            operands = make_operands(shape, x_dtype, term_dtypes, out_dtypes,
+                                     per_sample and len(shape) > 0, seed=7, inverse=inverse)
+            (out, x, terms, coef), offs = _laid_out(operands, layouts, offsets)
+            c_out, c_x, c_terms, c_bufs = _placed(out, x, terms, offs, "cpu")
+            ext_op(c_out, c_x, c_terms, coef, inverse)
+            g_out, g_x, g_terms, g_bufs = _placed(out, x, terms, offs, "cuda")
+            ext_op(g_out, g_x, g_terms, coef.cuda(), inverse)
             torch.cuda.synchronize()
-            assert torch.equal(gviews[0].cpu(), expected), (case_id, inverse)
-            # The whole buffer: x's view updated, nothing outside it written.
-            view = bufs[0][1]
-            expected_buf = bufs[0][0].clone()
-            expected_buf.as_strided(view.shape, view.stride(), offs[0]).copy_(expected)
-            assert torch.equal(gbufs[0].cpu(), expected_buf), (case_id, inverse)
+            # The whole buffers: the views updated, nothing outside them written.
+            assert_bits_equal([b.cpu() for b in g_bufs], c_bufs, f"{case_id} {inverse}")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows,inner", [(7, 3 * 2 ** 20), (7, 3 * 2 ** 20 + 5), (70001, 2048),
                                         (70001, 24)],
                          ids=["vector_rows", "scalar_rows", "more_rows_than_grid_y", "short_rows"])
-def test_cuda_large_and_many_rows(cpu_ext, cuda_ext, rows, inner):
+@pytest.mark.parametrize("x_dtype,term_dtypes,out_dtypes",
+                         _params([(BF16, (BF16, F32), None), (F32, (F16, BF16, F32),
+                                                              (F32, BF16, F64))]))
+def test_cuda_large_and_many_rows(cpu_ext, cuda_ext, rows, inner, x_dtype, term_dtypes,
+                                  out_dtypes):
     # Long rows a multiple of the pack length take the vector kernel, others the scalar one;
     # more than 65535 rows make the blocks stride over rows; short rows go the strided way.
-    x, y, z, coef = make_inputs((rows, inner), torch.bfloat16, torch.float32, True)
-    expected = ext_op(x.clone(), y, z, coef)
-    out = ext_op(x.cuda(), y.cuda(), z.cuda(), coef.cuda()).cpu()
-    assert torch.equal(out, expected)
+    out, x, terms, coef = make_operands((rows, inner), x_dtype, term_dtypes, out_dtypes, True)
+    expected = run_clone(out, x, terms, coef)
+    got = ext_op([o.cuda() for o in out], None if x is None else x.cuda(),
+                 [t.cuda() for t in terms], coef.cuda())
+    assert_bits_equal([g.cpu() for g in got], expected)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
 def test_cuda_graph_replays_with_new_coefficients(cuda_ext, per_sample):
-    x0, y, z, coef = make_inputs((4, 4096), torch.float16, torch.float32, per_sample, seed=8)
-    x, y, z, coef = x0.cuda(), y.cuda(), z.cuda(), coef.cuda()
+    """The in-place three-term update and a two-output update, captured once, replayed with new
+    coefficient values written into coef."""
+    in_place = make_operands((4, 4096), F16, (F16, F32), None, per_sample, seed=8)
+    two = make_operands((4, 4096), F32, (F16, F32), (F32, BF16), per_sample, seed=9)
+    x0 = in_place[0][0]
+    g_x, g_two = x0.cuda(), [o.cuda() for o in two[0]]
+    g_terms = [[t.cuda() for t in in_place[2]], [t.cuda() for t in two[2]]]
+    g_coef = [in_place[3].cuda(), two[3].cuda()]
+    g_src = two[1].cuda()
+
+    def step():
+        bk.lincomb_(g_x, g_terms[0], g_coef[0][..., 0, :], backend="cuda")
+        bk.lincomb(g_src, g_terms[1], g_coef[1], out=g_two, backend="cuda")
+
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm up outside the capture
-        bk.lincomb3_(x.clone(), y, z, coef, backend="cuda")
+        step()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        bk.lincomb3_(x, y, z, coef, backend="cuda")
-    for step in range(3):
-        new = torch.rand_like(coef) + 0.5
-        coef.copy_(new)
-        x.copy_(x0.cuda())
+        step()
+    for replay in range(3):
+        new = [torch.rand_like(c) + 0.5 for c in g_coef]
+        for c, n in zip(g_coef, new, strict=True):
+            c.copy_(n)
+        g_x.copy_(x0.cuda())
         graph.replay()
         torch.cuda.synchronize()
-        expected = ext_op(x0.clone(), y.cpu(), z.cpu(), new.cpu())
-        assert torch.equal(x.cpu(), expected), step
+        want = run_clone([x0], None, in_place[2], new[0].cpu())
+        assert_bits_equal([g_x.cpu()], want, f"in place, replay {replay}")
+        want = run_clone(two[0], two[1], two[2], new[1].cpu())
+        assert_bits_equal([o.cpu() for o in g_two], want, f"two outputs, replay {replay}")

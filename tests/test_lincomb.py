@@ -11,9 +11,16 @@ inputs (forward) and S = (|x| + sum_{k>=1} |c_k t_k|) / |c_0| (inverse), a resul
 dtype makes at most 2K+1 roundings of relative size eps/2 on quantities bounded by S (a multiply
 and an add per term, or a fused multiply-add; the division), so
 
-* float32 / float64 outputs of float32 / float64 math:  |out - ref| <= (K + 2) * eps * S
-* float16 / bfloat16 outputs: within one ulp of the correctly rounded reference, plus that
-  arithmetic term (test_ops.py's bound, with its reasons).
+* outputs at least as wide as the math (float32 / float64 of float32 math, float64 of float64
+  math):  |out - ref| <= (K + 2) * eps * S
+* narrower outputs (float16 / bfloat16; float32 of float64 math): within one ulp of the
+  correctly rounded reference, plus that arithmetic term (test_ops.py's bound, with its
+  reasons).
+
+The compiled kernels get more on top: sizes around their vector widths and blocks for every K,
+every dtype per term and per output, unaligned views, per-sample rows of many lengths, empty,
+0-d and batch-1 tensors, non-contiguous outputs, and direct calls of the extension op
+(``belm::lincomb_ext``) with bad arguments on its own device.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from test_ops import (
     DTYPES,
     assert_bitwise_equal,
     compute_dtype,
+    device_params,
     parametrize_backends,
     rand,
     round_exact,
@@ -70,8 +78,9 @@ def assert_close(out, ref, scale, k, what, x_dtype=F32):
     out, ref, scale = out.cpu(), ref.cpu(), scale.cpu()
     ct = compute_dtype(x_dtype)
     arith = (k + 2) * torch.finfo(ct).eps * scale
-    if out.dtype in _FORMAT:
-        rounded = round_exact(ref, out.dtype)
+    if out.dtype in _FORMAT or out.dtype.itemsize < ct.itemsize:
+        # torch rounds float64 -> float32 once, to nearest even; float16/bfloat16 exactly here.
+        rounded = round_exact(ref, out.dtype) if out.dtype in _FORMAT else ref.to(out.dtype)
         err, tol = (out.double() - rounded.double()).abs(), ulp(rounded) + arith
     else:
         err, tol = (out.double() - ref).abs(), arith
@@ -225,6 +234,231 @@ def test_lincomb3_is_the_two_term_case(device, backend):
         three(a, y, z, coef, backend=backend)
         general(b, (y, z), coef, backend=backend)
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# What the compiled kernels need on top: their vector widths and blocks, every dtype mix,
+# alignment, per-sample rows, degenerate shapes, strided outputs, direct calls.
+
+# Around the CPU kernel's vectors (8 or 16 float lanes, two per step), the CUDA kernel's packs
+# (2, 4 or 8 elements) and the Triton kernel's block (1024 elements).
+EDGE_SIZES = [1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 1023, 1024, 1025]
+
+
+def check_lincomb(device, backend, shape, x_dtype, term_dtypes, out_dtypes, per_sample, inverse,
+                  gen, what, views=None):
+    """Run one update on fresh data and check every output against the float64 reference.
+    out_dtypes None: in place. views(t) -> the tensor to pass for t (same values; a strided or
+    unaligned view, say): applied to every operand. Inputs must stay bitwise untouched."""
+    views = views or (lambda t: t)
+    x = rand(shape, x_dtype, device, gen)
+    terms = [rand(shape, d, device, gen) for d in term_dtypes]
+    m = 1 if out_dtypes is None else len(out_dtypes)
+    rows = (shape[0],) if per_sample else ()
+    coef = make_coef(rows + ((m,) if out_dtypes is not None else ()) + (len(terms) + 1,), x,
+                     gen, inverse)
+    if not supports(backend, x_dtype):
+        return
+    x0 = x.clone()
+    terms = [views(t) for t in terms]
+    kept = [t.clone() for t in terms]
+    if out_dtypes is None:
+        target = views(x)
+        op = bk.lincomb_inverse_ if inverse else bk.lincomb_
+        assert op(target, terms, coef, backend=backend) is target
+        ref, scale = reference(x0, terms, coef, inverse)
+        assert_close(target, ref, scale, len(terms), what, x_dtype)
+    else:
+        source = views(x)
+        outs = [views(torch.full(shape, float("nan"), dtype=d, device=device))
+                for d in out_dtypes]
+        got = bk.lincomb(source, terms, coef, out=outs, inverse=inverse, backend=backend)
+        assert all(g is o for g, o in zip(got, outs, strict=True))
+        for i, o in enumerate(outs):
+            ref, scale = reference(x0, terms, coef[..., i, :], inverse)
+            assert_close(o, ref, scale, len(terms), f"{what} output {i}", x_dtype)
+        assert_bitwise_equal(source, views(x0), "x")
+    for t, t0 in zip(terms, kept, strict=True):
+        assert_bitwise_equal(t, t0, "a term")
+
+
+@parametrize_backends
+@pytest.mark.parametrize("k", range(1, ops.MAX_TERMS + 1))
+@pytest.mark.parametrize("inverse", [False, True], ids=["forward", "inverse"])
+def test_sizes_around_vector_widths_and_blocks(device, backend, k, inverse):
+    """Every K at every edge size, x in each dtype in turn (so every pack length), the terms
+    cycling through the dtypes."""
+    gen = torch.Generator().manual_seed(20 + k)
+    for i, n in enumerate(EDGE_SIZES):
+        x_dtype = DTYPES[i % 4]
+        terms = [DTYPES[(i + j) % 4] for j in range(1, k + 1)]
+        check_lincomb(device, backend, (n,), x_dtype, terms, None, False, inverse, gen,
+                      f"K={k} n={n} x {x_dtype}")
+
+
+@parametrize_backends
+@pytest.mark.parametrize("m", range(1, ops.MAX_OUTPUTS + 1))
+@pytest.mark.parametrize("x_dtype", DTYPES, ids=str)
+def test_every_dtype_per_term_and_per_output(device, backend, m, x_dtype):
+    """Outputs of every dtype next to every x dtype (wider and narrower ones: 16-bit outputs of
+    float64 math among them), three terms of the other dtypes, odd per-sample rows."""
+    gen = torch.Generator().manual_seed(30 + m)
+    for r in range(4):
+        out_dtypes = [DTYPES[(r + i) % 4] for i in range(m)]
+        terms = [DTYPES[(r + i + 1) % 4] for i in range(3)]
+        check_lincomb(device, backend, (3, 67), x_dtype, terms, out_dtypes, True, False, gen,
+                      f"outputs {out_dtypes}")
+    check_lincomb(device, backend, (3, 67), x_dtype, [DTYPES[r] for r in range(4)],
+                  [DTYPES[(DTYPES.index(x_dtype) + 1) % 4]], True, True, gen, "inverse")
+
+
+def _unaligned(t):
+    """t's values in a view one element into a fresh buffer: not 16-byte aligned."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = buf[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+@parametrize_backends
+@pytest.mark.parametrize("signature", [(F32, (F32, F16), None), (BF16, (BF16, F64, F16), None),
+                                       (F32, (F16, BF16), (F32, BF16)),
+                                       (F64, (F32,), (F64, F16, F32))], ids=str)
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+def test_unaligned_views(device, backend, signature, per_sample):
+    """Every operand one element off a 16-byte boundary: the kernels' narrower (unaligned)
+    path, with vector-length tails."""
+    gen = torch.Generator().manual_seed(40)
+    for shape in [(2, 1031), (3, 4097)]:
+        check_lincomb(device, backend, shape, *signature, per_sample, False, gen,
+                      f"unaligned {shape}", views=_unaligned)
+
+
+# Per-sample row lengths: single elements, around the vector widths, around 256 packs (the CUDA
+# kernel's rows path needs kThreads packs per row), around 4096 (Triton's long rows) and more.
+INNER = [1, 2, 7, 8, 9, 255, 256, 257, 2047, 2048, 2056, 4095, 4096, 4097, 8195]
+
+
+@parametrize_backends
+@pytest.mark.parametrize("inner", INNER)
+def test_per_sample_rows_of_many_lengths(device, backend, inner):
+    gen = torch.Generator().manual_seed(50 + inner)
+    check_lincomb(device, backend, (3, inner), F16, (F16, F32), None, True, False, gen,
+                  "in place, forward")
+    check_lincomb(device, backend, (3, inner), F32, (BF16, F32, F16, F64), None, True, True,
+                  gen, "in place, inverse, 4 terms")
+    check_lincomb(device, backend, (3, inner), BF16, (F32,), (BF16, F32), True, False, gen,
+                  "two outputs")
+
+
+@parametrize_backends
+@pytest.mark.parametrize("shape", [(0,), (0, 5), (5, 0), (), (1,), (1, 33), (1, 4, 8, 8)],
+                         ids=str)
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+def test_empty_zero_dim_and_batch_one(device, backend, shape, per_sample):
+    if per_sample and not shape:
+        pytest.skip("a 0-d tensor has no batch dimension for per-sample rows")
+    gen = torch.Generator().manual_seed(60)
+    check_lincomb(device, backend, shape, F32, (F16, F32, BF16), None, per_sample, True, gen,
+                  "in place")
+    check_lincomb(device, backend, shape, BF16, (F32,), (BF16, F64, F16), per_sample, False,
+                  gen, "three outputs")
+
+
+@parametrize_backends
+@pytest.mark.parametrize("layout", ["channels_last", "column", "unaligned"])
+def test_non_contiguous_outputs(device, backend, layout):
+    """Outputs of three dtypes as strided views of larger buffers, the inputs contiguous: each
+    output right, nothing outside its view written."""
+    gen = torch.Generator().manual_seed(70)
+    shape = (2, 3, 5, 7)
+    x = rand(shape, F32, device, gen)
+    terms = [rand(shape, d, device, gen) for d in (F16, F32)]
+    coef = make_coef((2, 3, 3), x, gen)
+    bases, outs = [], []
+    for d in (F32, BF16, F64):
+        if layout == "channels_last":
+            base = torch.full(shape, 7.0, dtype=d, device=device).contiguous(
+                memory_format=torch.channels_last)
+            view = base
+        elif layout == "column":
+            base = torch.full(shape[:-1] + (shape[-1] + 3,), 7.0, dtype=d, device=device)
+            view = base[..., 1:shape[-1] + 1]
+        else:
+            base = torch.full((x.numel() + 2,), 7.0, dtype=d, device=device)
+            view = base[1:-1].view(shape)
+        bases.append(base)
+        outs.append(view)
+    bk.lincomb(x, terms, coef, out=outs, backend=backend)
+    for i, (o, base) in enumerate(zip(outs, bases, strict=True)):
+        ref, scale = reference(x, terms, coef[..., i, :], False)
+        assert_close(o, ref, scale, 2, f"{layout} output {i}")
+        mask = torch.ones(base.shape, dtype=torch.bool, device=device)
+        mask.as_strided(o.shape, o.stride(), o.storage_offset() - base.storage_offset()).fill_(
+            False)
+        assert (base[mask] == 7).all(), f"{layout}: output {i} written outside its view"
+
+
+def _extension_backends(device):
+    return [(b, (b,)) for b in bk.available_backends(device) if b in ("cpu", "cuda")]
+
+
+def _bad_extension_calls(device):
+    """name -> (message regex, call()): direct calls of the extension op on ``device`` that its
+    own checks must refuse before any write (the same on the CPU and CUDA kernels)."""
+    def t(shape=(2, 8), dtype=F32):
+        return torch.randn(shape, device=device).to(dtype)
+
+    x, y, z, o = t(), t(), t(), t()
+    c2 = torch.ones(3, device=device)
+    c1 = torch.ones(2, device=device)
+    base = t((32,))
+    expanded = t((1, 8)).expand(2, 8)
+    def op(out, x, terms, coef):
+        torch.ops.belm.lincomb_ext(out, x, terms, coef, False)
+
+    overlap = "must not share memory|single memory location"
+    return {
+        "no outputs": ("out must hold 1 to 3", lambda: op([], x, [y], c1)),
+        "four outputs": ("out must hold 1 to 3",
+                         lambda: op([o, t(), t(), t()], x, [y], torch.ones(4, 2, device=device))),
+        "no terms": ("terms must hold 1 to 6", lambda: op([o], x, [], c1[:1])),
+        "seven terms": ("terms must hold 1 to 6",
+                        lambda: op([o], x, [y] * 7, torch.ones(8, device=device))),
+        "term shape": (r"terms\[1\] must have x's shape", lambda: op([x], None, [y, t((2, 7))],
+                                                                      c2)),
+        "output shape": (r"out\[1\] must have x's shape",
+                         lambda: op([o, t((8, 2))], x, [y], torch.ones(2, 2, device=device))),
+        "integer term": (r"terms\[0\] must be float16",
+                         lambda: op([x], None, [t(dtype=torch.int32), z], c2)),
+        "coef shape": ("coef must hold", lambda: op([x], None, [y, z], c1)),
+        "coef rows": ("coef must hold",
+                      lambda: op([x], None, [y, z], torch.ones(3, 3, device=device))),
+        "expanded output": ("overlapping memory|more than one element",
+                            lambda: op([expanded], x, [y], c1)),
+        "output is a term": (overlap, lambda: op([y], x, [y], c1)),
+        "output is x": (overlap, lambda: op([x], x, [y], c1)),
+        "outputs overlap": (overlap, lambda: op([base[:16].view(2, 8), base[8:24].view(2, 8)],
+                                                x, [y], torch.ones(2, 2, device=device))),
+        "coef inside the output": (overlap, lambda: op([x], None, [y, z], x.view(-1)[:3])),
+    }
+
+
+BAD_EXTENSION = list(_bad_extension_calls("cpu"))
+
+
+@pytest.mark.parametrize("device,backend", device_params(_extension_backends))
+@pytest.mark.parametrize("case", BAD_EXTENSION)
+def test_extension_op_rejects_bad_arguments_before_writing(device, backend, case):
+    match, call = _bad_extension_calls(device)[case]
+    # Every tensor the call can reach, by identity: none may change.
+    cells = [c.cell_contents for c in call.__closure__ or ()]
+    tensors = [v for v in cells if isinstance(v, torch.Tensor)]
+    before = [v.clone() for v in tensors]
+    with pytest.raises(RuntimeError, match=match):
+        call()
+    for v, v0 in zip(tensors, before, strict=True):
+        assert_bitwise_equal(v, v0, case)
 
 
 # --------------------------------------------------------------------------------------------

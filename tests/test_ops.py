@@ -593,7 +593,7 @@ def test_opcheck(device, backend, case):
     torch.library.opcheck(torch.ops.belm.lincomb,
                           (grads[0], grads[1:3], grads[3], inverse, backend, None))
     if backend in ("cpu", "cuda"):
-        torch.library.opcheck(torch.ops.belm.lincomb3_ext, (x, y, z, coef, inverse))
+        torch.library.opcheck(torch.ops.belm.lincomb_ext, ([x], None, [y, z], coef, inverse))
 
 
 # --------------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .. import multistep
 from ..multistep import DENOISED, FLOAT64, MODEL_OUTPUT, NOISE, PRED_ORIGINAL, PREV_SAMPLE, SAMPLE
-from ..ops import BACKENDS, _apply, compute_dtype, lincomb, lincomb_
+from ..ops import BACKENDS, _apply, _resolve_name, compute_dtype, lincomb, lincomb_
 
 logger = logging.get_logger(__name__)
 
@@ -105,6 +105,8 @@ class _Plan(NamedTuple):
 
 
 _ARGS = {SAMPLE: 0, MODEL_OUTPUT: 1, NOISE: 2}
+#: The backends whose kernel is the registered op belm::lincomb_ext (extension.py).
+_KERNEL_OPS = ("cpu", "cuda")
 
 
 def _randn(shape, generator, device, dtype):
@@ -277,11 +279,14 @@ class FusedSchedulerMixin:
             outs = []
         for role, slot in plan.outputs[len(outs):]:
             if slot is None:
-                outs.append(torch.empty(sample.shape, dtype=self._dtype(role, sample, model_output),
-                                        device=sample.device))
+                # empty_like: a third of the cost of torch.empty(shape, dtype=, device=) here.
+                outs.append(torch.empty_like(sample, dtype=self._dtype(role, sample, model_output),
+                                             memory_format=torch.contiguous_format))
             else:
                 outs.append(self._ring(slot[0], sample, model_output)[slot[1]])
-        if x is None and len(outs) == 1:  # in place on the noise
+        if self._direct_kernel(outs[0] if x is None else x, sample, model_output, noise):
+            torch.ops.belm.lincomb_ext(outs, x, terms, plan.coef, False)
+        elif x is None and len(outs) == 1:  # in place on the noise
             lincomb_(noise, terms, plan.coef, backend=self._fused_backend)
         elif x is None:  # in place on the noise, more outputs: the op's x is out[0] as it was
             _apply(outs, None, terms, plan.coef, self._fused_backend, False, several=True)
@@ -291,6 +296,21 @@ class FusedSchedulerMixin:
         for role, same in plan.step.aliases.items():
             result[role] = result[same] if same in result else args[_ARGS[same]]
         return result
+
+    def _direct_kernel(self, first: torch.Tensor, *inputs: torch.Tensor | None) -> bool:
+        """Whether the step may call the compiled kernel op ``belm::lincomb_ext`` itself. That op
+        checks shapes, dtypes, devices and memory overlap in C++ before it writes, and a step's
+        outputs are fresh tensors or the scheduler's own ring buffers (never given out), so the
+        public op's Python checks would only repeat them: on a latent of SD's size they cost
+        several times the kernel. Not when autograd records the step or torch.compile traces it
+        (the public op's autograd and fake rules), nor on the torch and Triton backends, nor when
+        the inputs are on different devices (the dispatcher would pick one device's kernel,
+        the meta device's doing nothing): the public op explains what is wrong."""
+        if torch.compiler.is_compiling() or any(
+                t is not None and (t.device != first.device or (
+                    t.requires_grad and torch.is_grad_enabled())) for t in inputs):
+            return False
+        return _resolve_name(self._fused_backend, first.device, first.dtype) in _KERNEL_OPS
 
     def _ring(self, stream: str, sample, model_output) -> list[torch.Tensor]:
         """The history ring of ``stream``, allocated at the first step of a run."""
