@@ -54,7 +54,7 @@ PLUGINS: list[Plugin] = [TwoStepPlugin(), SchedulerPlugin()]
 #: ``merge_bytes`` by device type: below about this much extra memory traffic per tick, one op
 #: over a zero-padded merged layout costs less than a second op launch (bench/bench_batched.py,
 #: part 3, measures both sides).
-MERGE_BYTES = {"cpu": 256 << 10, "cuda": 2 << 20}
+MERGE_BYTES = {"cpu": 1 << 20, "cuda": 2 << 20}
 
 
 class GraphCaptureError(RuntimeError):
