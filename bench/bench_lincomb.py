@@ -31,7 +31,6 @@ and date.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
@@ -39,7 +38,7 @@ from pathlib import Path
 
 import torch
 import torch._dynamo
-from bench_ops import CpuTimer, GpuTimer, fmt_size, parse_size
+from bench_ops import CpuTimer, GpuTimer, fmt_size, parse_size, write_csv
 from stamp import device_slug, stamp
 
 import belm_kernels as bk
@@ -143,16 +142,6 @@ def run(args) -> list[dict]:
             if not args.no_compile:
                 torch._dynamo.reset()
     return rows
-
-
-def write_csv(path: Path, rows: list[dict], info: dict[str, str]) -> None:
-    with open(path, "w", newline="") as f:
-        for key, value in info.items():
-            f.write(f"# {key}: {value}\n")
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
 def write_markdown(path: Path, rows: list[dict], info: dict[str, str], args, csv_name: str,
