@@ -39,13 +39,10 @@ import sys
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's start/stop lines, off
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_scheduler import _MALLOC_ENV, _default_malloc_requested
+from bench_scheduler import _MALLOC_ENV, keep_malloc_pages
 
-# glibc reads these when the process starts (see bench_scheduler.py): re-execute first.
-if (__name__ == "__main__" and sys.platform.startswith("linux")
-        and not _default_malloc_requested(sys.argv[1:])
-        and any(os.environ.get(k) != v for k, v in _MALLOC_ENV.items())):
-    os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **_MALLOC_ENV})
+if __name__ == "__main__":
+    keep_malloc_pages()
 
 import argparse
 import csv

@@ -43,11 +43,17 @@ def _default_malloc_requested(argv: list[str]) -> bool:
         a == "--malloc" and argv[i + 1:i + 2] == ["default"] for i, a in enumerate(argv))
 
 
-# glibc reads these when the process starts, so set them by re-executing before anything runs.
-if (__name__ == "__main__" and sys.platform.startswith("linux")
-        and not _default_malloc_requested(sys.argv[1:])
-        and any(os.environ.get(k) != v for k, v in _MALLOC_ENV.items())):
-    os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **_MALLOC_ENV})
+def keep_malloc_pages() -> None:
+    """Re-execute this script with _MALLOC_ENV unless it is set or ``--malloc default`` was
+    given: glibc reads these when the process starts, so a script calls this before anything
+    else runs."""
+    if (sys.platform.startswith("linux") and not _default_malloc_requested(sys.argv[1:])
+            and any(os.environ.get(k) != v for k, v in _MALLOC_ENV.items())):
+        os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **_MALLOC_ENV})
+
+
+if __name__ == "__main__":
+    keep_malloc_pages()
 
 import argparse
 import csv
