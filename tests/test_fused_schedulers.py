@@ -541,13 +541,17 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("cls", list(FUSED_SCHEDULERS))
-def test_a_step_is_one_fused_op_with_no_host_sync(cls):
+def test_a_step_is_one_fused_op_with_no_host_sync(cls, backend):
     """No .item() (aten._local_scalar_dense), no nonzero: a loop of steps is capturable in one
     CUDA graph; the step's only compute op is the fused one, next to at most two others (output
-    allocations, the noise draw)."""
+    allocations, the noise draw): the compiled kernel's op itself where the CPU extension is
+    built, else the public op."""
     config = {LCMScheduler: LCM, FlowMatchEulerDiscreteScheduler: SD3}.get(cls, SD15)
-    s = fuse(make(cls, config))
+    s = fuse(make(cls, config), backend=backend)
+    direct = backend == "auto" and "cpu" in bk.available_backends()
+    fused_op = "belm.lincomb_ext" if direct else "belm.lincomb_"
     s.set_timesteps(6)
     kwargs = {"eta": 0.5} if cls is DDIMScheduler else {}
     sample = torch.randn(SHAPE)
@@ -560,8 +564,7 @@ def test_a_step_is_one_fused_op_with_no_host_sync(cls):
         if i:  # (the first step of a run allocates the history, DDIM's eta > 0 its table)
             compute = [n for n in ops.names if n not in ("aten.empty", "aten.empty_like",
                                                          "aten.randn")]
-            # The compiled kernel's op itself, or the public op on the torch backend.
-            assert compute in (["belm.lincomb_ext"], ["belm.lincomb_"]), ops.names
+            assert compute == [fused_op], ops.names
             assert len(ops.names) <= 3, ops.names
 
 
