@@ -331,9 +331,10 @@ def _raise_not_invertible(what: str):
 def _check_invertible(coef: torch.Tensor) -> None:
     """coef (K+1,) or (B, K+1) in the compute dtype on the CPU: its leading coefficients, as the
     kernels see them (after rounding: 1e-300 is 0 in float32), must be nonzero."""
-    lead = coef[..., 0]
-    if bool((lead == 0).any()):
-        _raise_not_invertible(f"{lead.tolist()} in {coef.dtype}")
+    # On the host as Python floats: tensor ops on a few values cost several microseconds each.
+    lead = coef.reshape(-1).tolist()[::coef.shape[-1]]
+    if 0 in lead:
+        _raise_not_invertible(f"{lead if coef.dim() > 1 else lead[0]} in {coef.dtype}")
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
@@ -426,8 +427,20 @@ def _apply(out, x, terms, coef, backend, inverse: bool, *, several: bool = False
         return [r if o is None else o.copy_(r) for o, r in zip(out, results, strict=True)]
     out = [torch.empty_like(first, memory_format=torch.contiguous_format) if o is None else o
            for o in out]
-    torch.ops.belm.lincomb_.default(out, x, terms, coef, inverse, name)
+    if _intercepted(first, terms, out):
+        torch.ops.belm.lincomb_.default(out, x, terms, coef, inverse, name)
+    else:  # what that op runs, without its round trip through the dispatcher into Python
+        _run(out, x, terms, coef, inverse, name)
     return out
+
+
+def _intercepted(first: torch.Tensor, terms, out) -> bool:
+    """Whether something may act on the call of belm::lincomb_ itself -- torch.compile tracing
+    it, a dispatch mode, a functorch transform (vmap, grad), a tensor subclass -- so that eager
+    code must call the op rather than its implementation."""
+    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._are_functorch_transforms_active()
+            or any(type(t) is not torch.Tensor for t in (first, *terms, *out)))
 
 
 def lincomb_(x: torch.Tensor, terms: Sequence[torch.Tensor], coef, *,

@@ -282,7 +282,8 @@ class Lockstep:
         names = list(theirs)
         for row, role in enumerate(step.outputs):
             ref = reference(step, row, values)
-            out_dtype = ours[role].dtype if role in names else fused._rings[role][0].dtype
+            out_dtype = (ours[role].dtype if role in names
+                         else fused._dtype(role, sample, model_output))  # its history dtype
             b_orig = original_error(f32[role], values, bounds["orig"])
             b_fused = fused_error(step, row, f64[role], values, out_dtype, bounds["fused"])
             b_ref = fused_error(step, row, f64[role], values, torch.float64, bounds["ref"],
@@ -489,6 +490,63 @@ def test_steps_return_new_tensors_and_never_write_their_inputs():
                 assert tensor.data_ptr() not in (sample.data_ptr(), mo.data_ptr())
             returned += [(tensor, tensor._version) for tensor in out.values()]
             sample = out.prev_sample
+
+
+def test_runs_again_on_the_same_grid_reuse_the_tables_and_equal_a_fresh_scheduler(monkeypatch):
+    """A pipeline called again calls set_timesteps with the same grid: the tables and history
+    buffers of the previous run are kept (no table is built again), and every run -- the same
+    grid again, another shape, a start at a begin index, another grid, a changed config -- gives
+    bit for bit what a newly made scheduler gives."""
+
+    def run(s, steps, shape, begin=None, **step_kwargs):
+        s.set_timesteps(steps)
+        if begin is not None:
+            s.set_begin_index(begin)
+        sample = torch.randn(shape, generator=torch.Generator().manual_seed(steps))
+        if takes(s.step, "generator"):
+            step_kwargs = dict(step_kwargs, generator=torch.Generator().manual_seed(1))
+        outs = []
+        for i, t in enumerate(s.timesteps[begin or 0:]):
+            s.scale_model_input(sample, t)
+            out = s.step(model_output_for(sample, i), t, sample, **step_kwargs)
+            outs += list(out.values())
+            sample = out.prev_sample
+        return outs
+
+    for cls, config, step_kwargs in (
+            (DPMSolverMultistepScheduler, dict(SD15, solver_order=3), {}),
+            (UniPCMultistepScheduler, SD15, {}),
+            (DDIMScheduler, SD15, {"eta": 1.0}),
+            (EulerAncestralDiscreteScheduler, SD15, {})):
+        s = fuse(make(cls, config))
+        built, original = [], type(s).fused_steps
+
+        def counted(self, *args, built=built, original=original, **kwargs):
+            built.append(args[1:])
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(type(s), "fused_steps", counted)
+        wide = (3, *SHAPE[1:])
+        late = 3 if hasattr(s, "set_begin_index") else None  # (DDIM has no step index)
+        for steps, shape, begin in ((8, SHAPE, None), (8, SHAPE, None), (8, wide, None),
+                                    (8, SHAPE, late), (5, SHAPE, None), (8, SHAPE, None)):
+            built.clear()
+            ours = run(s, steps, shape, begin, **step_kwargs)
+            fresh = run(fuse(make(cls, config)), steps, shape, begin, **step_kwargs)
+            assert len(ours) == len(fresh)
+            assert all(torch.equal(a, b) for a, b in zip(ours, fresh, strict=True)), (
+                cls.__name__, steps, shape, begin)
+        # The same grid again builds nothing.
+        built.clear()
+        run(s, 8, SHAPE, **step_kwargs)
+        assert built == [], cls.__name__
+        # A changed config is a new grid's tables.
+        s.register_to_config(prediction_type="v_prediction")
+        ours = run(s, 8, SHAPE, **step_kwargs)
+        assert built, cls.__name__
+        fresh = run(fuse(make(cls, config, prediction_type="v_prediction")), 8, SHAPE,
+                    **step_kwargs)
+        assert all(torch.equal(a, b) for a, b in zip(ours, fresh, strict=True)), cls.__name__
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])

@@ -746,6 +746,34 @@ def test_the_example_of_the_issue(device, backend):
 
 
 @parametrize_backends
+def test_a_dispatch_mode_sees_the_op_eager_calls_equal_it(device, backend):
+    """Eager calls run the op's implementation without its dispatcher round trip, but whatever
+    may act on the op -- a dispatch mode here -- still sees belm::lincomb_ called, and both
+    ways give the same bits."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    x, y, z = (torch.randn(5, 7, generator=g).to(device) for _ in range(3))
+    coef = torch.tensor([0.5, 0.25, -0.125], device=device)
+    eager = bk.lincomb3_(x.clone(), y, z, coef, backend=backend)
+    seen = x.clone()
+    with Recorder() as rec:
+        bk.lincomb3_(seen, y, z, coef, backend=backend)
+        out = bk.lincomb(x, [y, z], coef, backend=backend)
+    assert rec.ops.count("belm.lincomb_.default") == 2, rec.ops
+    assert torch.equal(seen, eager) and torch.equal(out, eager)
+
+
+@parametrize_backends
 @parametrize_ops
 def test_leaf_that_requires_grad_raises_before_writing(device, backend, op):
     gen = torch.Generator().manual_seed(10)

@@ -9,7 +9,8 @@ original's config and state. Everything but
 ``step`` is the original's own code: ``set_timesteps`` (with the arguments the original takes),
 ``timesteps``, ``sigmas``, ``init_noise_sigma``, ``order``, ``scale_model_input``, ``add_noise``,
 ``step_index`` / ``begin_index``. ``set_timesteps`` then builds the float64 coefficient tables of
-the run (:mod:`belm_kernels.multistep`) from the grid the original just computed, and ``step`` is
+the run (:mod:`belm_kernels.multistep`) from the grid the original just computed (or keeps the
+previous run's, and its history buffers, when the grid and config are the same), and ``step`` is
 one :func:`belm_kernels.lincomb` call: one pass over the sample, the model output, the scheduler's
 history and (for the stochastic samplers) a noise tensor, writing the new sample, the history entry
 and the original's second output (``pred_original_sample``, LCM's ``denoised``) together.
@@ -90,15 +91,17 @@ class UnsupportedOptionError(ValueError):
 
 
 class _Plan(NamedTuple):
-    """A step, ready to run: where each input comes from (``(None, i)``: the i-th of sample,
-    model_output, noise; ``(stream, slot)``: a history ring slot), where each output goes
-    (``(role, None)``: a fresh tensor; ``(role, (stream, slot))``), the coefficients on the device
-    in the compute dtype, and the step's table entry. ``in_noise``: the same step written into
-    the noise tensor the scheduler drew (``prev_sample`` first, ``x`` = the noise; its inputs are
-    the other terms), which saves the allocation of ``prev_sample``."""
+    """A step, ready to run. Its operands are indices into ``(sample, model_output, noise, *ring
+    slots)``, the run's history rings laid out one after another (see :func:`_ring_layout`):
+    ``x`` (None: the update is in place on ``outputs[0]``), the ``terms``, and per output its
+    role and index (None: a fresh tensor). ``coef``: on the device in the compute dtype.
+    ``in_noise``: the same step written into the noise tensor the scheduler drew (``prev_sample``
+    is the noise, updated in place), which saves the allocation of ``prev_sample``."""
 
-    inputs: tuple
-    outputs: tuple
+    x: int | None
+    terms: tuple[int, ...]
+    outputs: tuple[tuple[str, int | None], ...]
+    roles: tuple[str, ...]  # the outputs' roles, in order
     coef: torch.Tensor
     step: multistep.Step
     in_noise: _Plan | None = None
@@ -107,6 +110,7 @@ class _Plan(NamedTuple):
 _ARGS = {SAMPLE: 0, MODEL_OUTPUT: 1, NOISE: 2}
 #: The backends whose kernel is the registered op belm::lincomb_ext (extension.py).
 _KERNEL_OPS = ("cpu", "cuda")
+_lincomb_ext = torch.ops.belm.lincomb_ext.default
 
 
 def _randn(shape, generator, device, dtype):
@@ -163,13 +167,22 @@ class FusedSchedulerMixin:
 
     def _fused_reset(self) -> None:
         """After the original's ``set_timesteps``: check the options (``mu`` may change the
-        config), copy the grid to the host, drop the tables of the previous grid."""
+        config), copy the grid to the host, and drop the tables and history buffers unless the
+        grid is the previous one (a pipeline called again with the same number of steps)."""
         self._check_options()
         self._fused_grid = self._grid()
         self._ts_host = self.timesteps.tolist()
-        self._plans: dict = {}
+        # What the tables are computed from (the config by identity: register_to_config makes a
+        # new one).
+        source = (self._fused_grid, self._ts_host, self.num_inference_steps, self.config)
+        old = getattr(self, "_table_source", None)
+        if old is None or old[:3] != source[:3] or old[3] is not source[3]:
+            self._table_source = source
+            self._plans: dict = {}
+            self._slots: tuple[torch.Tensor, ...] = ()
         self._run_start: int | None = None
-        self._rings: dict[str, list[torch.Tensor]] = {}
+        self._run_plans: tuple = (None, None)  # ((device, dtype), plans of the run from start)
+        self._out_dtypes: dict = {}
         # The tables of a run from the first step, on the timesteps' device: built here, so that
         # the steps of such a run only read them (no copy to the device inside a CUDA graph).
         self._plans_for(0, self.timesteps.device, torch.float32, **self._default_step_args)
@@ -230,6 +243,7 @@ class FusedSchedulerMixin:
         else:
             super()._init_step_index(timestep)
         self._run_start = self._step_index
+        self._run_plans = (None, None)
 
     def _start_step(self, timestep) -> int:
         """The step index of this call (the first call of a run locates it)."""
@@ -265,69 +279,82 @@ class FusedSchedulerMixin:
     def _run(self, plan: _Plan, sample, model_output, noise=None,
              drawn: bool = False) -> dict[str, torch.Tensor]:
         """One fused op: the outputs of ``plan`` (and their aliases) by role. ``drawn``: the noise
-        was drawn here (not given), so ``prev_sample`` may be written into it."""
-        args = (sample, model_output, noise)
-        rings = self._rings
-        if (drawn and plan.in_noise is not None and noise.is_contiguous()
-                and noise.dtype == self._dtype(PREV_SAMPLE, sample, model_output)):
-            plan, x = plan.in_noise, None
-            terms = [args[i] if stream is None else rings[stream][i] for stream, i in plan.inputs]
-            outs = [noise]
-        else:
-            x, *terms = [args[i] if stream is None else rings[stream][i]
-                         for stream, i in plan.inputs]
-            outs = []
-        for role, slot in plan.outputs[len(outs):]:
-            if slot is None:
-                # empty_like: a third of the cost of torch.empty(shape, dtype=, device=) here.
-                outs.append(torch.empty_like(sample, dtype=self._dtype(role, sample, model_output),
-                                             memory_format=torch.contiguous_format))
-            else:
-                outs.append(self._ring(slot[0], sample, model_output)[slot[1]])
+        was drawn here (not given), so ``prev_sample`` may be written into it. Every step runs
+        this, so it is kept to a few lookups: on a latent of SD 1.5's size the kernel takes a few
+        microseconds."""
+        if (drawn and plan.in_noise is not None
+                and noise.dtype == self._out_dtype(PREV_SAMPLE, sample, model_output)
+                and noise.is_contiguous()):
+            plan = plan.in_noise
+        operands = (sample, model_output, noise, *self._slots)
+        x = None if plan.x is None else operands[plan.x]
+        terms = [operands[i] for i in plan.terms]
+        # empty_like: a third of the cost of torch.empty(shape, dtype=, device=) here.
+        outs = [operands[i] if i is not None else torch.empty_like(
+                    sample, dtype=self._out_dtype(role, sample, model_output),
+                    memory_format=torch.contiguous_format)
+                for role, i in plan.outputs]
         if self._direct_kernel(outs[0] if x is None else x, sample, model_output, noise):
-            torch.ops.belm.lincomb_ext(outs, x, terms, plan.coef, False)
+            _lincomb_ext(outs, x, terms, plan.coef, False)
         elif x is None and len(outs) == 1:  # in place on the noise
-            lincomb_(noise, terms, plan.coef, backend=self._fused_backend)
+            lincomb_(outs[0], terms, plan.coef, backend=self._fused_backend)
         elif x is None:  # in place on the noise, more outputs: the op's x is out[0] as it was
             _apply(outs, None, terms, plan.coef, self._fused_backend, False, several=True)
         else:
             lincomb(x, terms, plan.coef, out=outs, backend=self._fused_backend)
-        result = {role: out for (role, _), out in zip(plan.outputs, outs, strict=True)}
+        result = dict(zip(plan.roles, outs, strict=True))
         for role, same in plan.step.aliases.items():
-            result[role] = result[same] if same in result else args[_ARGS[same]]
+            result[role] = result[same] if same in result else operands[_ARGS[same]]
         return result
 
-    def _direct_kernel(self, first: torch.Tensor, *inputs: torch.Tensor | None) -> bool:
+    def _out_dtype(self, role: str, sample, model_output) -> torch.dtype:
+        """``_dtype``, kept per role and operand dtypes (it is asked for every output of every
+        step)."""
+        key = (role, sample.dtype, model_output.dtype)
+        dtype = self._out_dtypes.get(key)
+        if dtype is None:
+            dtype = self._out_dtypes[key] = self._dtype(role, sample, model_output)
+        return dtype
+
+    def _direct_kernel(self, first: torch.Tensor, sample, model_output, noise) -> bool:
         """Whether the step may call the compiled kernel op ``belm::lincomb_ext`` itself. That op
         checks shapes, dtypes, devices and memory overlap in C++ before it writes, and a step's
         outputs are fresh tensors or the scheduler's own ring buffers (never given out), so the
         public op's Python checks would only repeat them: on a latent of SD's size they cost
         several times the kernel. Not when autograd records the step or torch.compile traces it
         (the public op's autograd and fake rules), nor on the torch and Triton backends, nor when
-        the inputs are on different devices (the dispatcher would pick one device's kernel,
+        the operands are on different devices (the dispatcher would pick one device's kernel,
         the meta device's doing nothing): the public op explains what is wrong."""
-        if torch.compiler.is_compiling() or any(
-                t is not None and (t.device != first.device or (
-                    t.requires_grad and torch.is_grad_enabled())) for t in inputs):
+        device = sample.device
+        if (model_output.device != device or (noise is not None and noise.device != device)
+                or (self._slots and self._slots[0].device != device)):
             return False
-        return _resolve_name(self._fused_backend, first.device, first.dtype) in _KERNEL_OPS
+        if torch.is_grad_enabled() and (sample.requires_grad or model_output.requires_grad or (
+                noise is not None and noise.requires_grad)):
+            return False
+        return (not torch.compiler.is_compiling()
+                and _resolve_name(self._fused_backend, device, first.dtype) in _KERNEL_OPS)
 
-    def _ring(self, stream: str, sample, model_output) -> list[torch.Tensor]:
-        """The history ring of ``stream``, allocated at the first step of a run."""
-        ring = self._rings.get(stream)
-        if ring is None:
-            size = multistep.ring_sizes(self.fused_table(self._run_start)).get(stream, 1)
-            dtype = self._dtype(stream, sample, model_output)
-            ring = self._rings[stream] = [
-                torch.empty(sample.shape, dtype=dtype, device=sample.device) for _ in range(size)]
-        return ring
+    def _ring_slots(self, sample, model_output) -> None:
+        """The history ring slots of a run from ``_run_start``, at its first step: the previous
+        run's when they fit (same layout, shape, dtypes and device), else new ones."""
+        sizes = multistep.ring_sizes(self.fused_table(self._run_start))
+        dtypes = [self._dtype(name, sample, model_output)
+                  for name in sorted(sizes) for _ in range(sizes[name])]
+        if [(s.shape, s.dtype, s.device) for s in self._slots] != [
+                (sample.shape, dtype, sample.device) for dtype in dtypes]:
+            self._slots = tuple(torch.empty(sample.shape, dtype=dtype, device=sample.device)
+                                for dtype in dtypes)
 
     def _fused(self, k: int, sample, model_output, noise=None,
                drawn: bool = False) -> dict[str, torch.Tensor]:
-        if k == self._run_start:  # a new run: new history buffers (a run may change shape)
-            self._rings = {}
-        plan = self._plans_for(self._run_start, sample.device, sample.dtype)[k - self._run_start]
-        return self._run(plan, sample, model_output, noise, drawn)
+        if k == self._run_start:  # a new run (which may change shape)
+            self._ring_slots(sample, model_output)
+        key = (sample.device, sample.dtype)
+        if self._run_plans[0] != key:  # the run's plans for this device and dtype, kept
+            self._run_plans = (key, self._plans_for(self._run_start, *key))
+        return self._run(self._run_plans[1][k - self._run_start], sample, model_output, noise,
+                         drawn)
 
     def _single_plan(self, outs: dict, k: int, sample: torch.Tensor) -> _Plan:
         """A plan for a step whose coefficients are not in the run's table (a timestep that is not
@@ -337,10 +364,20 @@ class FusedSchedulerMixin:
         return _make_plans(table, k, sample.device, compute_dtype(sample.dtype))[0]
 
 
+def _ring_layout(sizes: dict[str, int]) -> dict[str, int]:
+    """Where each history stream's slot 0 is among a step's operands ``(sample, model_output,
+    noise, *ring slots)``: the streams' slots one after another, in name order."""
+    first, n = {}, len(_ARGS)
+    for name in sorted(sizes):
+        first[name], n = n, n + sizes[name]
+    return first
+
+
 def _make_plans(table: Sequence[multistep.Step], start: int, device, dtype) -> list[_Plan]:
     """Plans for steps ``start`` .. of a run: ring slots resolved, coefficients moved to
     ``device`` in one copy (each step's a contiguous view)."""
     sizes = multistep.ring_sizes(table)
+    first = _ring_layout(sizes)
     layouts = []  # per step: (inputs, outputs, coef) as tabulated, and written into the noise
     for step in table:
         layout = [(step.inputs, step.outputs, step.coef)]
@@ -357,24 +394,29 @@ def _make_plans(table: Sequence[multistep.Step], start: int, device, dtype) -> l
         device=device, dtype=dtype)
     plans, offset = [], 0
 
-    def plan(k, step, ins, outs, coef, skip, in_noise=None):
+    def plan(k, step, ins, outs, coef, in_place, in_noise=None):
         nonlocal offset
-        inputs = []
-        for role in ins[skip:]:
+
+        def source(role):
             name, j = multistep.parse_role(role)
-            inputs.append((None, _ARGS[role]) if j == 0 else (name, (k - j) % sizes[name]))
-        outputs = tuple((role, (role, k % sizes[role]) if role in sizes else None)
+            return _ARGS[role] if j == 0 else first[name] + (k - j) % sizes[name]
+
+        outputs = tuple((role, first[role] + k % sizes[role] if role in sizes else None)
                         for role in outs)
+        if in_place:  # x is outputs[0] as it was: the noise
+            outputs = ((outs[0], _ARGS[NOISE]), *outputs[1:])
         # one row in place is lincomb_'s (K+1,) coefficients
-        shape = coef.shape[1:] if skip and len(outs) == 1 else coef.shape
+        shape = coef.shape[1:] if in_place and len(outs) == 1 else coef.shape
         view = flat[offset:offset + coef.numel()].view(shape)
         offset += coef.numel()
-        return _Plan(tuple(inputs), outputs, view, step, in_noise)
+        return _Plan(None if in_place else source(ins[0]),
+                     tuple(source(r) for r in ins[1:]), outputs, tuple(outs), view, step,
+                     in_noise)
 
     for n, (step, layout) in enumerate(zip(table, layouts, strict=True)):
-        main = plan(start + n, step, *layout[0], skip=0)
+        main = plan(start + n, step, *layout[0], in_place=False)
         if len(layout) > 1:
-            main = main._replace(in_noise=plan(start + n, step, *layout[1], skip=1))
+            main = main._replace(in_noise=plan(start + n, step, *layout[1], in_place=True))
         plans.append(main)
     return plans
 
