@@ -401,6 +401,30 @@ def _check_at_run_time(out, x, terms, coef, inverse: bool) -> None:
         _check_invertible(coef)
 
 
+#: The backends whose kernel is the registered op belm::lincomb_ext (extension.py).
+KERNEL_OP_BACKENDS = ("cpu", "cuda")
+
+
+def _kernel_direct(backend: str, first: torch.Tensor, tensors) -> bool:
+    """Whether a caller whose outputs are its own buffers -- fresh tensors, or buffers it never
+    gives out (the fused schedulers, the batched stepper) -- may call the compiled kernel op
+    ``belm::lincomb_ext`` itself instead of the public op. That op checks shapes, dtypes, devices
+    and memory overlap in C++ before it writes, so the public op's Python checks would only
+    repeat them, at several times the kernel's cost on a small latent. Not when autograd records
+    (grad enabled and a tensor requires grad), torch.compile traces or a functorch transform
+    runs (the public op's autograd and fake rules), nor on the torch and Triton backends, nor
+    when the tensors (None entries skipped) are on different devices: the dispatcher would pick
+    one device's kernel (the meta device's writes nothing). The caller checks the zero leading
+    coefficient of an inverse (``_check_invertible``), which the kernel does not."""
+    device = first.device
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (t.device != device or (grad and t.requires_grad)):
+            return False
+    return (not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+            and _resolve_name(backend, device, first.dtype) in KERNEL_OP_BACKENDS)
+
+
 # --------------------------------------------------------------------------------------------
 # Public functions.
 
@@ -531,6 +555,7 @@ _lib.define("lincomb(Tensor x, Tensor[] terms, Tensor coef, bool inverse, str ba
 # contract of Backend.run, with its own memory-safety checks for direct calls.
 _lib.define("lincomb_ext(Tensor(a!)[] out, Tensor? x, Tensor[] terms, Tensor coef, bool inverse) "
             "-> ()")
+_lincomb_ext = torch.ops.belm.lincomb_ext.default
 
 
 def _run(out, x, terms, coef, inverse, backend) -> None:

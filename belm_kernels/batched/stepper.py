@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..ops import _apply, compute_dtype
+from ..ops import _apply, _check_invertible, _kernel_direct, _lincomb_ext, compute_dtype
 from ..schedule import Schedule
 from .plugin import Layout, Plan, Plugin, merged, relayout
 from .schedulers import SchedulerPlugin
@@ -618,8 +618,13 @@ class BatchedStepper:
                 outs = [o.clone() for o in outs]
             terms = [self._role(r, eps)[lo:hi] for r in layout.terms]
             x = None if layout.x == "prev" else self._role(layout.x, eps)[lo:hi]
-            _apply(outs, x, terms, coef.view(n, m, k) if m > 1 else coef.view(n, k),
-                   self.backend, layout.inverse, several=m > 1)
+            coef = coef.view(n, m, k) if m > 1 else coef.view(n, k)
+            if _kernel_direct(self.backend, outs[0], (*outs, x, *terms)):  # own buffers
+                if layout.inverse and coef.device.type == "cpu":
+                    _check_invertible(coef)
+                _lincomb_ext(outs, x, terms, coef, layout.inverse)
+            else:
+                _apply(outs, x, terms, coef, self.backend, layout.inverse, several=m > 1)
 
     def _tick(self, draw: bool = False) -> None:
         eps = self._gather_and_call()  # raises before any state is written

@@ -79,7 +79,15 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .. import multistep
 from ..multistep import DENOISED, FLOAT64, MODEL_OUTPUT, NOISE, PRED_ORIGINAL, PREV_SAMPLE, SAMPLE
-from ..ops import BACKENDS, _apply, _resolve_name, compute_dtype, lincomb, lincomb_
+from ..ops import (
+    BACKENDS,
+    _apply,
+    _kernel_direct,
+    _lincomb_ext,
+    compute_dtype,
+    lincomb,
+    lincomb_,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -108,9 +116,6 @@ class _Plan(NamedTuple):
 
 
 _ARGS = {SAMPLE: 0, MODEL_OUTPUT: 1, NOISE: 2}
-#: The backends whose kernel is the registered op belm::lincomb_ext (extension.py).
-_KERNEL_OPS = ("cpu", "cuda")
-_lincomb_ext = torch.ops.belm.lincomb_ext.default
 
 
 def _randn(shape, generator, device, dtype):
@@ -317,23 +322,11 @@ class FusedSchedulerMixin:
         return dtype
 
     def _direct_kernel(self, first: torch.Tensor, sample, model_output, noise) -> bool:
-        """Whether the step may call the compiled kernel op ``belm::lincomb_ext`` itself. That op
-        checks shapes, dtypes, devices and memory overlap in C++ before it writes, and a step's
-        outputs are fresh tensors or the scheduler's own ring buffers (never given out), so the
-        public op's Python checks would only repeat them: on a latent of SD's size they cost
-        several times the kernel. Not when autograd records the step or torch.compile traces it
-        (the public op's autograd and fake rules), nor on the torch and Triton backends, nor when
-        the operands are on different devices (the dispatcher would pick one device's kernel,
-        the meta device's doing nothing): the public op explains what is wrong."""
-        device = sample.device
-        if (model_output.device != device or (noise is not None and noise.device != device)
-                or (self._slots and self._slots[0].device != device)):
-            return False
-        if torch.is_grad_enabled() and (sample.requires_grad or model_output.requires_grad or (
-                noise is not None and noise.requires_grad)):
-            return False
-        return (not torch.compiler.is_compiling()
-                and _resolve_name(self._fused_backend, device, first.dtype) in _KERNEL_OPS)
+        """Whether the step may call the kernel op ``belm::lincomb_ext`` itself (see
+        :func:`belm_kernels.ops._kernel_direct`): its outputs are fresh tensors or the
+        scheduler's own ring buffers, never given out."""
+        return _kernel_direct(self._fused_backend, first,
+                              (sample, model_output, noise, *self._slots[:1]))
 
     def _ring_slots(self, sample, model_output) -> None:
         """The history ring slots of a run from ``_run_start``, at its first step: the previous
