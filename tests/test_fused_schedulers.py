@@ -428,6 +428,22 @@ def test_pipelines_run_the_fused_scheduler_step_by_step_as_diffusers(
     assert lock.steps == n and lock.worst <= 1
 
 
+def test_wan_runs_its_fused_unipc_step_by_step_as_diffusers(tiny_pipe):
+    """Wan 2.1's text-to-video pipeline with the UniPC it ships (flow sigmas, flow_shift 3.0,
+    final sigma 0), fused: every step of a guided run within the error model of the original's."""
+    pipe = tiny_pipe("tiny_wan_pipeline")
+    shipped = pipe.scheduler
+    try:
+        lock = shadowed(pipe, make(UniPCMultistepScheduler, WAN))
+        out = pipe("a red fox", negative_prompt="blurry", height=32, width=32, num_frames=9,
+                   num_inference_steps=8, guidance_scale=5.0, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).frames
+    finally:
+        pipe.scheduler = shipped  # the tiny pipeline is shared by the session
+    assert torch.isfinite(out).all()
+    assert lock.steps == 8 and lock.worst <= 1
+
+
 def test_a_seeded_ancestral_run_draws_the_originals_noise(sd_pipe):
     """Euler ancestral through a pipeline: the fused and the original scheduler, each with a
     generator seeded alike, end within the error model of each other and far from a run with
