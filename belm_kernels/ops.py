@@ -561,6 +561,10 @@ _lincomb_ext = torch.ops.belm.lincomb_ext.default
 def _run(out, x, terms, coef, inverse, backend) -> None:
     _check_at_run_time(out, x, terms, coef, inverse)
     get_backend(backend).run(out, x, terms, coef, inverse)
+    # The compiled kernels write through data pointers, which autograd does not see: without
+    # this, a tensor saved for a backward pass and then updated here would give wrong gradients
+    # instead of autograd's "modified by an inplace operation" error.
+    torch.autograd.graph.increment_version(out)
 
 
 def _run_out_of_place(x, terms, coef, inverse, backend, dtype) -> torch.Tensor:

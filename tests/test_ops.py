@@ -746,6 +746,25 @@ def test_the_example_of_the_issue(device, backend):
 
 
 @parametrize_backends
+def test_an_update_in_place_is_seen_by_autograd(device, backend):
+    """Every backend marks what it writes as modified in place (the compiled kernels write through
+    pointers): a tensor saved for a backward pass and then updated makes that backward fail, as
+    with any torch in-place op, instead of giving wrong gradients."""
+    w = torch.ones(3, device=device, requires_grad=True)
+    x, y, z = (torch.randn(3, device=device) for _ in range(3))
+    saved = w * x  # saves x for its backward
+    before = x._version
+    bk.lincomb3_(x, y, z, [0.5, 0.25, 0.125], backend=backend)
+    assert x._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.sum().backward()
+    out = torch.empty(3, device=device)
+    before = out._version
+    bk.lincomb(y, [z], [0.5, 0.25], out=out, backend=backend)
+    assert out._version > before
+
+
+@parametrize_backends
 def test_a_dispatch_mode_sees_the_op_eager_calls_equal_it(device, backend):
     """Eager calls run the op's implementation without its dispatcher round trip, but whatever
     may act on the op -- a dispatch mode here -- still sees belm::lincomb_ called, and both
