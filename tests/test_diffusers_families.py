@@ -32,7 +32,6 @@ from belm_kernels.diffusers import (
 from belm_kernels.diffusers.inversion import _family
 from belm_kernels.diffusers.scheduling_utils import _Step
 from belm_kernels.diffusers.tiny_pipelines import QWEN_TEXT_WIDTH
-from belm_kernels.ops import lincomb3_
 
 STEPS = 6
 
@@ -160,11 +159,11 @@ def hand_schedulers(family):
             return self._next_step(k)
 
         def _next_step(self, k):
-            return _Step(lincomb3_, "first_inverse", len(self._grid_ts) - 1 - k)
+            return _Step(False, "first_inverse", len(self._grid_ts) - 1 - k)
 
     class HandForward(family.scheduler):
         def _next_step(self, k):
-            return _Step(lincomb3_, "first", k)
+            return _Step(False, "first", k)
 
     return HandInverse, HandForward
 

@@ -425,6 +425,25 @@ def test_prediction_types_give_the_eps_trajectory(prediction_type):
     assert rel(run(s, model_fn(prediction_type), inv.latent_pair.x_T2), ref) < 1e-12
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_the_one_pass_step_equals_the_public_ops_step_bit_for_bit(dtype):
+    """On the compiled kernels a step is one pass of the kernel op over the previous state, the
+    sample and the model output into a new tensor; with a model output that requires grad it is
+    the public op (a copy of the previous state updated in place, autograd recording): the same
+    bits, sampling and inverting, the inversion's steps being inverse updates."""
+    fn = model_fn()
+    for cls, x in ((BELMScheduler, noise(dtype)), (BELMInverseScheduler, data(dtype))):
+        plain, recorded = belm_set(12, cls), belm_set(12, cls)
+        a = b = x
+        for t in plain.timesteps:
+            eps = fn(a, t)
+            a = plain.step(eps, t, a).prev_sample
+            b = recorded.step(eps.clone().requires_grad_(), t, b).prev_sample
+            assert b.requires_grad and a.dtype == b.dtype == dtype and a.is_contiguous()
+            assert torch.equal(a, b.detach()), (cls.__name__, int(t))
+            b = b.detach()
+
+
 def test_inverse_matches_core_invert_float64():
     core = bk.get_sampler("obelm", SCHED, 20, "linspace")
     x0 = data()

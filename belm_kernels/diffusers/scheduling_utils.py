@@ -23,9 +23,11 @@ and ``state_dtype``.
 
 The previous state. O-BELM is a two-step method: besides the ``sample`` the pipeline passes,
 ``step`` needs the state before it. The scheduler keeps a reference to the previous ``sample``
-(it never writes into it) and writes each new state into a fresh tensor: a copy of the previous
-state, updated in place by one fused :func:`belm_kernels.lincomb3_`. That is one latent-sized
-allocation per step, and no tensor the scheduler has returned or been given is ever modified.
+(it never writes into it) and writes each new state into a fresh tensor: one pass of the compiled
+kernel over the previous state, the sample and the model output (on the torch and Triton backends,
+or when autograd records: a copy of the previous state updated in place by
+:func:`belm_kernels.lincomb3_`; the same bits). That is one latent-sized allocation per step, and
+no tensor the scheduler has returned or been given is ever modified.
 With a wider ``state_dtype`` the two states live in scheduler-owned wide buffers that are
 updated in place (they are never handed out) and each step returns a fresh cast.
 
@@ -40,7 +42,7 @@ longer belongs to the sample.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -49,6 +51,9 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutpu
 from ..ops import (
     BACKENDS,
     BackendUnavailableError,
+    _check_invertible,
+    _kernel_direct,
+    _lincomb_ext,
     available_backends,
     check_like,
     coef_table,
@@ -138,12 +143,30 @@ def _checksum(t: torch.Tensor) -> torch.Tensor:
     return t.sum(dtype=torch.float64)
 
 
-class _Step(NamedTuple):
-    """What one step does: ``op(out, sample, model_output, tables[table][row])``, where ``out``
-    starts as a copy of the previous state. A first step gives that state (``prev``; None: there
-    is none, the row's leading coefficient is 0) and a latent pair's wide states (``wide``)."""
+def _step_out_of_place(prev, sample, model_output, coef, inverse: bool,
+                       backend: str) -> torch.Tensor:
+    """A new contiguous tensor: ``lincomb3_`` (``lincomb3_inverse_``) of ``prev``, ``sample`` and
+    ``model_output``. On the compiled kernels one pass that reads ``prev`` (the output is fresh,
+    so the kernel op's own checks suffice; see ``ops._kernel_direct``); otherwise a copy of
+    ``prev`` updated in place by the public op, which also explains bad input."""
+    if prev.dtype == sample.dtype and _kernel_direct(backend, prev, (sample, model_output, coef)):
+        if inverse and coef.device.type == "cpu":
+            _check_invertible(coef)
+        out = torch.empty_like(prev, memory_format=torch.contiguous_format)
+        _lincomb_ext([out], prev, [sample, model_output], coef, inverse)
+        return out
+    out = prev.clone(memory_format=torch.contiguous_format)
+    (lincomb3_inverse_ if inverse else lincomb3_)(out, sample, model_output, coef, backend=backend)
+    return out
 
-    op: Callable
+
+class _Step(NamedTuple):
+    """What one step does: ``out <- lincomb3_(previous state, sample, model_output,
+    tables[table][row])`` (``lincomb3_inverse_`` if ``inverse``). A first step gives that state
+    (``prev``; None: there is none, the row's leading coefficient is 0) and a latent pair's wide
+    states (``wide``)."""
+
+    inverse: bool
     table: str
     row: int
     prev: torch.Tensor | None = None
@@ -386,8 +409,7 @@ class BELMSchedulerMixin(SchedulerMixin):
         # stored pair (safetensors) comes back contiguous, so the regeneration must feed the
         # model the layout the inversion fed it.
         if wide is None:
-            out = prev.clone(memory_format=torch.contiguous_format)
-            plan.op(out, sample, model_output, coef, backend=backend)
+            out = _step_out_of_place(prev, sample, model_output, coef, plan.inverse, backend)
         else:
             if first:
                 like = dict(device=sample.device, dtype=wide, copy=True,
@@ -396,7 +418,8 @@ class BELMSchedulerMixin(SchedulerMixin):
                 x, cur = prev.to(**like), cur.to(**like)
             else:
                 x, cur = self._prev_wide, self._cur_wide
-            plan.op(x, cur, model_output, coef, backend=backend)
+            (lincomb3_inverse_ if plan.inverse else lincomb3_)(x, cur, model_output, coef,
+                                                               backend=backend)
             self._prev_wide, self._cur_wide = cur, x
             out = x.to(sample.dtype)
         if first:
@@ -523,7 +546,7 @@ class BELMSamplingMixin(BELMSchedulerMixin):
     def _first_step(self, k, sample):
         pair = self._armed
         if pair is None:  # no previous state: a one-step (DDIM) start from state k
-            return _Step(lincomb3_, "first", k)
+            return _Step(False, "first", k)
         if k != 0:
             raise ValueError(f"a run armed with set_latent_pair must start at the first step, "
                              f"got step {k} (set_begin_index and a latent pair do not mix)")
@@ -537,10 +560,10 @@ class BELMSamplingMixin(BELMSchedulerMixin):
             raise ValueError("the sample of the first step is not the x_T2 given to "
                              "set_latent_pair: pass latents=x_T2 to the pipeline (not x_T) "
                              "and keep num_inference_steps and the scheduler config of invert()")
-        return _Step(lincomb3_, "two", k + self._offset, x_T.to(sample.device), pair.state)
+        return _Step(False, "two", k + self._offset, x_T.to(sample.device), pair.state)
 
     def _next_step(self, k):
-        return _Step(lincomb3_, "two", k + self._offset)
+        return _Step(False, "two", k + self._offset)
 
     def _started(self):
         self._armed = self._pending_pair = None  # a latent pair is consumed by its run
@@ -578,10 +601,10 @@ class BELMInversionMixin(BELMSchedulerMixin):
         if wide is not None:  # the clean state, widened and dithered (see WIDE_START_DITHER)
             x = sample.to(wide) * (1 + WIDE_START_DITHER * torch.finfo(sample.dtype).eps)
             start = (x, x)
-        return _Step(lincomb3_, "first_inverse", len(self._grid_ts) - 1, wide=start)
+        return _Step(False, "first_inverse", len(self._grid_ts) - 1, wide=start)
 
     def _next_step(self, k):
-        return _Step(lincomb3_inverse_, "two", len(self._grid_ts) - k)
+        return _Step(True, "two", len(self._grid_ts) - k)
 
     @property
     def latent_pair(self) -> LatentPair:
