@@ -564,7 +564,8 @@ def _run(out, x, terms, coef, inverse, backend) -> None:
     # The compiled kernels write through data pointers, which autograd does not see: without
     # this, a tensor saved for a backward pass and then updated here would give wrong gradients
     # instead of autograd's "modified by an inplace operation" error.
-    torch.autograd.graph.increment_version(out)
+    for o in out:  # one at a time: older torch versions take a single tensor
+        torch.autograd.graph.increment_version(o)
 
 
 def _run_out_of_place(x, terms, coef, inverse, backend, dtype) -> torch.Tensor:
