@@ -556,6 +556,12 @@ def test_runs_again_on_the_same_grid_reuse_the_tables_and_equal_a_fresh_schedule
         built.clear()
         run(s, 8, SHAPE, **step_kwargs)
         assert built == [], cls.__name__
+        if cls is UniPCMultistepScheduler:  # an attribute the tables depend on, changed
+            s.disable_corrector = [2]
+            fresh = fuse(make(cls, config, disable_corrector=[2]))
+            assert all(torch.equal(a, b) for a, b in zip(
+                run(s, 8, SHAPE), run(fresh, 8, SHAPE), strict=True))
+            s.disable_corrector = []
         # A changed config is a new grid's tables.
         s.register_to_config(prediction_type="v_prediction")
         ours = run(s, 8, SHAPE, **step_kwargs)

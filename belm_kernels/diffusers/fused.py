@@ -594,6 +594,10 @@ class FusedUniPCMultistepScheduler(FusedSchedulerMixin, UniPCMultistepScheduler)
             return model_output.dtype
         return _promote(sample, model_output)
 
+    def _grid(self):
+        # The steps the corrector skips: an attribute a caller may change between runs.
+        return {**super()._grid(), "disable_corrector": tuple(self.disable_corrector)}
+
     def fused_steps(self, F, start=0):
         cfg = self.config
         return multistep.unipc(
@@ -601,7 +605,7 @@ class FusedUniPCMultistepScheduler(FusedSchedulerMixin, UniPCMultistepScheduler)
             solver_type=cfg.solver_type, predict_x0=cfg.predict_x0,
             prediction_type=cfg.prediction_type, flow=cfg.use_flow_sigmas,
             lower_order_final=cfg.lower_order_final,
-            disable_corrector=tuple(self.disable_corrector), start=start)
+            disable_corrector=self._fused_grid["disable_corrector"], start=start)
 
     def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor,
              sample: torch.Tensor, return_dict: bool = True) -> SchedulerOutput | tuple:
